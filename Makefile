@@ -1,0 +1,40 @@
+# make run   installs everything and starts a two-node LiteFS cluster on this machine
+# make test  installs everything and runs lint, type checks and the whole test suite
+# make bench runs the benchmark suite (prints ratios against a plain directory)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint typecheck pytest bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install-system-packages
+	scripts/install-system-packages
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(PY) -m litefs.cluster
+
+lint: install
+	$(VENV)/bin/ruff check litefs tests bench
+	$(VENV)/bin/ruff format --check litefs tests bench
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+pytest: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

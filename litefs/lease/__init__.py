@@ -1,0 +1,114 @@
+"""Leases decide which node is the primary.
+
+Each backend (static, consul, etcd) implements `Leaser`. The node asks its
+leaser to `acquire()` when it is a candidate; the `Lease` it gets back must be
+renewed every `renew_interval` seconds, and the node stops accepting writes at
+`deadline` if no renewal succeeded by then: after that moment another node may
+legitimately hold the lease. Nodes that are not primary learn who is from
+`primary_info()` and follow changes with `watch()`, which blocks on the
+backend (Consul blocking queries, etcd watches) rather than polling.
+
+All methods are coroutines for the asyncio thread; none may block its loop.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class PrimaryInfo:
+    """What the lease key says about the primary node."""
+
+    hostname: str
+    advertise_url: str
+
+    def to_json(self) -> bytes:
+        return json.dumps({"hostname": self.hostname, "advertise-url": self.advertise_url}).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> PrimaryInfo:
+        """Parse a lease value; raises `LeaseError` on anything malformed."""
+        try:
+            value = json.loads(raw)
+            hostname, url = value["hostname"], value["advertise-url"]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise LeaseError(f"malformed lease value: {raw!r}") from exc
+        if not isinstance(hostname, str) or not isinstance(url, str):
+            raise LeaseError(f"malformed lease value: {raw!r}")
+        return cls(hostname, url)
+
+
+class LeaseError(Exception):
+    """The lease backend failed or answered something unusable."""
+
+
+class PrimaryExists(LeaseError):
+    """Another node holds the lease."""
+
+    def __init__(self, info: PrimaryInfo | None) -> None:
+        super().__init__(f"primary exists: {info.hostname if info else 'unknown'}")
+        self.info = info
+
+
+class LeaseLost(LeaseError):
+    """The lease can no longer be renewed; the holder must step down."""
+
+
+class Lease(abc.ABC):
+    """A lease this node holds."""
+
+    ttl: float
+    """Seconds the backend keeps the lease alive after a renewal."""
+
+    renewed_at: float
+    """`time.monotonic()` taken just *before* the last successful acquire or
+    renew request was sent, so `deadline` is never later than the backend's."""
+
+    @property
+    @abc.abstractmethod
+    def renew_interval(self) -> float:
+        """Seconds between renewals (half the TTL for Consul, a third for etcd)."""
+
+    @property
+    def deadline(self) -> float:
+        """Monotonic time after which another node could hold the lease."""
+        return self.renewed_at + self.ttl
+
+    def expired(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) >= self.deadline
+
+    @abc.abstractmethod
+    async def renew(self) -> None:
+        """Extend the lease; raises `LeaseLost` when it is gone."""
+
+    @abc.abstractmethod
+    async def release(self) -> None:
+        """Give the lease up so another node can take it at once (best effort)."""
+
+
+class Leaser(abc.ABC):
+    """One lease backend, configured for this node."""
+
+    hostname: str
+    advertise_url: str
+    candidate: bool
+
+    @abc.abstractmethod
+    async def acquire(self) -> Lease:
+        """Try once to become primary; raises `PrimaryExists` if another node is."""
+
+    @abc.abstractmethod
+    async def primary_info(self) -> PrimaryInfo | None:
+        """The current primary, or None when no node holds the lease."""
+
+    @abc.abstractmethod
+    def watch(self) -> AsyncIterator[PrimaryInfo | None]:
+        """Yield the current primary at once, then again each time it changes."""
+
+    async def close(self) -> None:  # noqa: B027 - optional for backends without resources
+        """Release client resources; does not release a held lease."""
