@@ -1,10 +1,25 @@
-"""`litefs mount`: run a node. Filled in by the daemon."""
+"""`litefs mount` (and plain `litefs -config FILE`): run a node.
+
+Start-up order: configuration, logging, the data directory (locked so two
+daemons never share one), the store (which recovers every database), the
+mount point (clearing a stale mount a crashed daemon left), then the node's
+services and the FUSE loop. Shutdown runs the same steps backwards, and the
+mount is gone afterwards even when applications still hold files open.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
+import logging
+import os
+import subprocess
+from pathlib import Path
 
-from litefs.cli import CommandError
+from litefs.cli import EXIT_USAGE, CommandError
+
+log = logging.getLogger("litefs")
 
 
 def add_config_flag(parser: argparse.ArgumentParser) -> None:
@@ -20,4 +35,85 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run_mount(args: argparse.Namespace) -> int:
-    raise CommandError("mount is not available yet")
+    from litefs import config as configuration
+    from litefs.logs import setup_logging
+    from litefs.node import Node
+
+    try:
+        cfg = configuration.load(args.config)
+    except configuration.ConfigError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    setup_logging(cfg.log.format, cfg.log.debug)
+    lock = lock_data_dir(cfg.data.dir)
+    try:
+        prepare_mount_dir(cfg.fuse.dir)
+        node = Node(cfg)
+        return node.run()
+    finally:
+        os.close(lock)
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive lock on the data directory for the daemon's lifetime."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise CommandError(f"cannot use data directory {data_dir}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CommandError(
+            f"data directory {data_dir} is in use by another litefs process"
+        ) from None
+    return fd
+
+
+def prepare_mount_dir(mount_dir: Path) -> None:
+    """Make the mount point usable, clearing a mount whose daemon is gone."""
+    try:
+        os.stat(mount_dir)
+    except FileNotFoundError:
+        mount_dir.mkdir(parents=True)
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise CommandError(f"cannot use mount directory {mount_dir}: {exc.strerror}") from None
+        log.warning("clearing a stale mount at %s left by a daemon that is gone", mount_dir)
+        unmount(mount_dir)
+        return
+    if is_mounted(mount_dir):
+        raise CommandError(
+            f"{mount_dir} is already mounted (is another litefs running?); "
+            f"unmount it first with: fusermount3 -u {mount_dir}"
+        )
+    if not mount_dir.is_dir():
+        raise CommandError(f"mount directory {mount_dir} is not a directory")
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 1 and _unescape(fields[1]) == target:
+                    return True
+    except OSError:
+        return os.path.ismount(path)
+    return False
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+
+
+def unmount(path: Path) -> None:
+    """Detach the mount at `path` even if something still uses it."""
+    subprocess.run(
+        ["fusermount3", "-u", "-z", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )

@@ -1,0 +1,527 @@
+"""One replicated SQLite database: its files, position, page checksums, and
+the turning of each committed rollback-journal transaction into an LTX file.
+
+The database learns what a transaction changed from the writes the mount
+passes through (`write`, `truncate`), and learns that it committed from what
+SQLite does to the journal (deleted, truncated to zero, or its header zeroed).
+At that moment `commit` reads the changed pages back, writes and syncs one LTX
+file, and only then lets the journal go: a crash at any point leaves either a
+hot journal to roll back or a complete LTX file matching the database, and
+`recover` tells the two apart at start-up.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from litefs import ltx
+
+log = logging.getLogger("litefs.db")
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+JOURNAL_MAGIC = b"\xd9\xd5\x05\xf9\x20\xa1\x63\xd7"
+_WAL_VERSION_OFFSETS = (18, 19)
+
+CRASH_POINT_ENV = "LITEFS_CRASH_AT"
+"""Names a step of `commit` at which the process exits at once; tests use it
+to prove recovery from a crash at every step."""
+
+CRASH_STATUS = 86
+_crash_step = os.environ.get(CRASH_POINT_ENV) or None
+
+
+def crash_point(step: str) -> None:
+    """Exit at once, as a crash would, if the environment names this step."""
+    if _crash_step == step:
+        os._exit(CRASH_STATUS)
+
+
+COMMIT_STEPS = (
+    "before-ltx",
+    "mid-ltx",
+    "before-ltx-sync",
+    "before-journal-removal",
+    "after-journal-removal",
+)
+
+
+class DatabaseError(Exception):
+    """Base of the errors a database operation reports to its caller."""
+
+
+class ReadOnlyError(DatabaseError):
+    """A write reached a database this node does not own (it is a replica)."""
+
+
+class UnsupportedJournalMode(DatabaseError):
+    """SQLite tried to change the database outside a rollback journal."""
+
+    def __init__(self, name: str, mode: str) -> None:
+        super().__init__(
+            f"database {name}: journal mode {mode} is not supported; "
+            "use DELETE, TRUNCATE or PERSIST"
+        )
+        self.mode = mode
+
+
+class RecoveryError(DatabaseError):
+    """The database on disk does not match its LTX history and cannot be rebuilt."""
+
+
+class Content(Enum):
+    """What a database file holds, decided from its first bytes."""
+
+    EMPTY = "empty"
+    SQLITE = "sqlite"
+    PLAIN = "plain"
+    """Not SQLite: kept as a local file and never replicated."""
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a database is in its history: last TXID and the checksum after it."""
+
+    txid: int
+    checksum: int
+
+    def __str__(self) -> str:
+        return f"{self.txid:016x}/{self.checksum:016x}"
+
+
+EMPTY_POSITION = Position(0, 0)
+
+
+class Database:
+    """A database directory `<data>/dbs/<name>/` and its in-memory state.
+
+    Thread-safe: the FUSE thread writes through it while commits and recovery
+    run in worker threads.
+    """
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+        self.database_path = path / "database"
+        self.journal_path = path / "journal"
+        self.wal_path = path / "wal"
+        self.shm_path = path / "shm"
+        self.ltx_dir = path / "ltx"
+        self.lock = threading.RLock()
+        self.fd = -1
+        self.page_size = 0
+        self._write_page_size = 0
+        self.content = Content.EMPTY
+        self.position = EMPTY_POSITION
+        self.journal_active = False
+        self.writable = True
+        self.unsupported_mode: str | None = None
+        self._checksums = array.array("Q")
+        self._xor = 0
+        self._dirty: set[int] = set()
+        self._size_changed = False
+
+    # -- life cycle -------------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str, path: Path, mode: int = 0o644) -> Database:
+        """Lay out a new, empty database directory and open it."""
+        path.mkdir(parents=False, exist_ok=False)
+        (path / "ltx").mkdir()
+        fd = os.open(path / "database", os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+        os.close(fd)
+        db = cls(name, path)
+        db.open()
+        return db
+
+    def open(self) -> None:
+        """Open the database file and load its state, recovering from a crash."""
+        self.ltx_dir.mkdir(exist_ok=True)
+        self.fd = os.open(self.database_path, os.O_RDWR | os.O_CLOEXEC)
+        self.recover()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+    @property
+    def checksum(self) -> int:
+        """The database checksum of the contents as of the last commit."""
+        return self._xor | ltx.CHECKSUM_FLAG
+
+    @property
+    def page_count(self) -> int:
+        return len(self._checksums)
+
+    # -- writes from the mount (hot path) ----------------------------------
+
+    def write(self, offset: int, data: bytes) -> int:
+        """Write through to the database file, remembering the pages touched."""
+        if not self.journal_active:
+            self._check_write_outside_transaction(offset, data)
+        elif offset == 0 and self.content is not Content.PLAIN:
+            self._check_page_one(data)
+        written = os.pwrite(self.fd, data, offset)
+        page_size = self._write_page_size
+        if page_size:
+            first = offset // page_size + 1
+            last = (offset + written - 1) // page_size + 1
+            if first == last:
+                self._dirty.add(first)
+            else:
+                self._dirty.update(range(first, last + 1))
+        return written
+
+    def truncate(self, size: int) -> None:
+        if not self.journal_active and self.content is not Content.PLAIN and size > 0:
+            self._refuse("OFF or MEMORY")
+        if not self.writable:
+            raise ReadOnlyError(f"database {self.name} is read-only on a replica")
+        os.ftruncate(self.fd, size)
+        self._size_changed = True
+
+    def _check_write_outside_transaction(self, offset: int, data: bytes) -> None:
+        if not self.writable:
+            raise ReadOnlyError(f"database {self.name} is read-only on a replica")
+        content = self.content
+        if content is Content.PLAIN:
+            return
+        if content is Content.SQLITE or (offset == 0 and data[:16] == SQLITE_MAGIC):
+            self._refuse("OFF or MEMORY")
+        self.content = Content.PLAIN
+
+    def _check_page_one(self, data: bytes) -> None:
+        if not self.writable:
+            raise ReadOnlyError(f"database {self.name} is read-only on a replica")
+        if data[:16] != SQLITE_MAGIC:
+            return
+        if len(data) > 19 and (data[18] == 2 or data[19] == 2):
+            self._refuse("WAL")
+        self.content = Content.SQLITE
+        self._write_page_size = ltx.sqlite_page_size(data)
+
+    def _refuse(self, mode: str) -> None:
+        if self.unsupported_mode != mode:
+            self.unsupported_mode = mode
+            log.error(
+                "database %s: refusing a write in journal mode %s; "
+                "only DELETE, TRUNCATE and PERSIST are replicated",
+                self.name,
+                mode,
+            )
+        raise UnsupportedJournalMode(self.name, mode)
+
+    # -- journal events ---------------------------------------------------
+
+    def journal_written(self, offset: int, data: bytes) -> bool:
+        """Track the journal header; returns True when this write commits.
+
+        SQLite writes the magic at offset 0 before it changes the database,
+        and in PERSIST mode zeroes it again to commit.
+        """
+        if offset != 0 or len(data) < 8:
+            return False
+        if data[:8] == JOURNAL_MAGIC:
+            self.journal_active = True
+            return False
+        return self.journal_active and not any(data[:8])
+
+    # -- commit -----------------------------------------------------------
+
+    def commit(self, timestamp: int | None = None) -> Position | None:
+        """Capture the transaction that just ended as an LTX file.
+
+        Returns the new position, or None when nothing changed (a rollback,
+        or a transaction that wrote back what was there).
+        """
+        with self.lock:
+            try:
+                return self._commit(timestamp)
+            finally:
+                self.journal_active = False
+
+    def _commit(self, timestamp: int | None) -> Position | None:
+        if not self._dirty and not self._size_changed:
+            return None
+        size = os.fstat(self.fd).st_size
+        if size == 0 and self.position.txid == 0:
+            self._dirty.clear()
+            self._size_changed = False
+            return None
+        header = os.pread(self.fd, 100, 0)
+        if header[:16] != SQLITE_MAGIC:
+            self._dirty.clear()
+            self._size_changed = False
+            return None
+        page_size = ltx.sqlite_page_size(header)
+        commit = size // page_size
+        snapshot = self.position.txid == 0 or page_size != self.page_size
+        self.content = Content.SQLITE
+        pages: range | list[int]
+        if snapshot:
+            pages = range(1, commit + 1)
+        else:
+            grown = range(self.page_count + 1, commit + 1)
+            pages = sorted({p for p in self._dirty if p <= commit}.union(grown))
+        position = self._write_ltx(pages, commit, page_size, snapshot, timestamp)
+        self._dirty.clear()
+        self._size_changed = False
+        return position
+
+    def _write_ltx(
+        self,
+        pages: range | list[int],
+        commit: int,
+        page_size: int,
+        snapshot: bool,
+        timestamp: int | None,
+    ) -> Position | None:
+        old = self._checksums
+        lock_pgno = ltx.lock_page(page_size)
+        txid = self.position.txid + 1
+        min_txid = 1 if snapshot else txid
+        header = ltx.Header(
+            flags=0,
+            page_size=page_size,
+            commit=commit,
+            min_txid=min_txid,
+            max_txid=txid,
+            timestamp=int(time.time() * 1000) if timestamp is None else timestamp,
+            pre_apply_checksum=0 if snapshot else self.checksum,
+        )
+        changes: dict[int, int] = {}
+        xor = 0 if snapshot else self._xor
+        old_count = len(old)
+        if not snapshot:
+            for pgno in range(commit + 1, old_count + 1):
+                xor ^= old[pgno - 1]
+        path = self.ltx_dir / ltx.format_filename(min_txid, txid)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            with os.fdopen(fd, "wb", buffering=1 << 20, closefd=False) as out:
+                encoder = ltx.Encoder(out, header)
+                crash_point("before-ltx")
+                halfway = len(pages) // 2
+                for index, pgno in enumerate(pages):
+                    if pgno == lock_pgno:
+                        continue
+                    data = os.pread(self.fd, page_size, (pgno - 1) * page_size)
+                    checksum = ltx.page_checksum(pgno, data)
+                    previous = old[pgno - 1] if pgno <= old_count and not snapshot else 0
+                    if checksum == previous:
+                        continue
+                    encoder.write_page(pgno, data)
+                    changes[pgno] = checksum
+                    xor ^= previous ^ checksum
+                    if index == halfway:
+                        out.flush()
+                        crash_point("mid-ltx")
+                if not changes and commit == old_count and not snapshot:
+                    out.flush()
+                    os.unlink(path)
+                    return None
+                post_apply = xor | ltx.CHECKSUM_FLAG
+                encoder.finish(post_apply)
+            crash_point("before-ltx-sync")
+            os.fdatasync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        _sync_directory(self.ltx_dir)
+        self._apply_checksums(changes, commit, lock_pgno, snapshot)
+        self._xor = xor
+        self.page_size = self._write_page_size = page_size
+        self.position = Position(txid, post_apply)
+        return self.position
+
+    def _apply_checksums(
+        self, changes: dict[int, int], commit: int, lock_pgno: int, snapshot: bool
+    ) -> None:
+        checksums = array.array("Q", bytes(8 * commit)) if snapshot else self._checksums
+        if len(checksums) < commit:
+            checksums.frombytes(bytes(8 * (commit - len(checksums))))
+        elif len(checksums) > commit:
+            del checksums[commit:]
+        for pgno, checksum in changes.items():
+            checksums[pgno - 1] = checksum
+        if lock_pgno <= commit:
+            checksums[lock_pgno - 1] = 0
+        self._checksums = checksums
+
+    # -- recovery ---------------------------------------------------------
+
+    def ltx_files(self) -> list[tuple[int, int, Path]]:
+        """The LTX files on disk as (min TXID, max TXID, path), oldest first."""
+        files = []
+        for entry in os.scandir(self.ltx_dir):
+            if not entry.name.endswith(".ltx"):
+                continue
+            try:
+                min_txid, max_txid = ltx.parse_filename(entry.name)
+            except ltx.LTXError:
+                continue
+            files.append((min_txid, max_txid, Path(entry.path)))
+        files.sort(key=lambda item: (item[1], item[0]))
+        return files
+
+    def recover(self) -> None:
+        """Bring the database file and its LTX history into agreement."""
+        with self.lock:
+            self.position = self._last_good_position()
+            if _journal_is_hot(self.journal_path):
+                self._settle_hot_journal()
+            self._load_checksums()
+            if self.position.txid and self.checksum != self.position.checksum:
+                self._rebuild_from_ltx()
+
+    def _last_good_position(self) -> Position:
+        for _min_txid, max_txid, path in reversed(self.ltx_files()):
+            try:
+                with open(path, "rb") as f:
+                    _, trailer = ltx.verify(f)
+            except ltx.LTXError as exc:
+                log.warning(
+                    "database %s: removing incomplete LTX file %s: %s", self.name, path.name, exc
+                )
+                path.unlink()
+                continue
+            return Position(max_txid, trailer.post_apply_checksum)
+        return EMPTY_POSITION
+
+    def _settle_hot_journal(self) -> None:
+        """Finish a transaction a crash interrupted, one way or the other."""
+        self._load_checksums()
+        if self.position.txid and self.checksum == self.position.checksum:
+            log.info("database %s: last transaction was captured; removing its journal", self.name)
+            self.journal_path.unlink()
+            return
+        log.info("database %s: rolling back an uncommitted transaction", self.name)
+        _roll_back_journal(self.path, self.database_path, self.journal_path)
+
+    def _load_checksums(self) -> None:
+        size = os.fstat(self.fd).st_size
+        self._dirty.clear()
+        self._size_changed = False
+        if size == 0:
+            self.content = Content.EMPTY
+            self._checksums = array.array("Q")
+            self._xor = 0
+            return
+        header = os.pread(self.fd, 100, 0)
+        if header[:16] != SQLITE_MAGIC:
+            self.content = Content.PLAIN
+            self._checksums = array.array("Q")
+            self._xor = 0
+            return
+        self.content = Content.SQLITE
+        self.page_size = self._write_page_size = ltx.sqlite_page_size(header)
+        self._checksums = ltx.page_checksums(self.fd, self.page_size, size // self.page_size)
+        self._xor = ltx.checksum_of(self._checksums)
+
+    def _rebuild_from_ltx(self) -> None:
+        files = self.ltx_files()
+        start = next((i for i in range(len(files) - 1, -1, -1) if files[i][0] == 1), None)
+        if start is None:
+            raise RecoveryError(
+                f"database {self.name}: contents (checksum {self.checksum:016x}) do not match "
+                f"the last LTX file (TXID {self.position.txid}, checksum "
+                f"{self.position.checksum:016x}) and no snapshot is retained to rebuild from"
+            )
+        log.error(
+            "database %s: contents do not match TXID %d; rebuilding from LTX files",
+            self.name,
+            self.position.txid,
+        )
+        for _min_txid, _max_txid, path in files[start:]:
+            with open(path, "rb") as f:
+                ltx.apply_file(f, self.fd)
+        self._load_checksums()
+        if self.checksum != self.position.checksum:
+            raise RecoveryError(f"database {self.name}: rebuilding from LTX files failed")
+
+    # -- retention --------------------------------------------------------
+
+    def enforce_retention(self, max_age: float, now: float | None = None) -> int:
+        """Remove LTX files older than `max_age` seconds, always keeping the newest."""
+        now = time.time() if now is None else now
+        removed = 0
+        with self.lock:
+            files = self.ltx_files()
+            for _min_txid, _max_txid, path in files[:-1]:
+                try:
+                    if now - path.stat().st_mtime > max_age:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        return removed
+
+    def iter_pages(self) -> Iterator[tuple[int, bytes]]:
+        """Every page of the committed database, for snapshots."""
+        lock_pgno = ltx.lock_page(self.page_size) if self.page_size else 0
+        for pgno in range(1, self.page_count + 1):
+            if pgno != lock_pgno:
+                yield pgno, os.pread(self.fd, self.page_size, (pgno - 1) * self.page_size)
+
+    def remove(self, trash: Path) -> None:
+        """Delete the database directory: moved aside at once, then erased."""
+        with self.lock:
+            self.close()
+            target = trash / f"{os.getpid()}-{time.monotonic_ns()}"
+            os.rename(self.path, target)
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def _journal_is_hot(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == JOURNAL_MAGIC
+    except FileNotFoundError:
+        return False
+
+
+def _roll_back_journal(directory: Path, database: Path, journal: Path) -> None:
+    """Let SQLite itself play a hot journal back into the database file.
+
+    SQLite finds a journal by name (`<db>-journal`), so both files are
+    hard-linked under those names in a scratch directory and opened there.
+    """
+    scratch = directory / ".recovery"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        os.link(database, scratch / "db")
+        os.link(journal, scratch / "db-journal")
+        conn = sqlite3.connect(scratch / "db", isolation_level=None)
+        try:
+            conn.execute("PRAGMA schema_version").fetchone()
+        finally:
+            conn.close()
+        if _journal_is_hot(scratch / "db-journal"):
+            raise RecoveryError(f"SQLite left the journal of {directory.name} hot")
+        journal.unlink()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _sync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,749 @@
+"""The mount: kernel file operations translated into store and database calls.
+
+Names in the mount map onto the data directory like this:
+
+    <mount>/dir/                  <data>/dbs/dir/
+    <mount>/dir/my.db             <data>/dbs/dir/my.db/database
+    <mount>/dir/my.db-journal     <data>/dbs/dir/my.db/journal   (also -wal, -shm)
+    <mount>/dir/my.db-pos         the database's position, generated
+    <mount>/.primary              the primary's hostname, on replicas only
+
+Every FUSE request costs tens of microseconds, so the kernel is told to cache
+as much as it safely can: long entry and attribute timeouts, cached negative
+lookups, and `keep_cache` on open files. That is safe because every change on
+a primary passes through the kernel; whatever the daemon changes behind its
+back (replication) is followed by an invalidation.
+
+This module decides nothing about replication: it asks the store.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from enum import Enum
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from litefs.db import (
+    Database,
+    DatabaseError,
+    ReadOnlyError,
+    UnsupportedJournalMode,
+    crash_point,
+)
+from litefs.store import InvalidName, Store
+
+log = logging.getLogger("litefs.fuse")
+
+ENTRY_TIMEOUT = 3600.0
+ATTR_TIMEOUT = 3600.0
+VIRTUAL_FILE_MODE = stat.S_IFREG | 0o444
+
+
+class Kind(Enum):
+    DIRECTORY = "directory"
+    DATABASE = "database"
+    JOURNAL = "journal"
+    WAL = "wal"
+    SHM = "shm"
+    POSITION = "position"
+    PRIMARY = "primary"
+
+
+SUFFIXES = (
+    ("-journal", Kind.JOURNAL),
+    ("-wal", Kind.WAL),
+    ("-shm", Kind.SHM),
+    ("-pos", Kind.POSITION),
+)
+BACKING_NAMES = {Kind.JOURNAL: "journal", Kind.WAL: "wal", Kind.SHM: "shm"}
+PRIMARY_FILE = ".primary"
+
+
+class Inode:
+    """One inode of the mount. Inode numbers are never reused while the
+    daemon runs, and a path keeps its inode for as long as it exists."""
+
+    __slots__ = ("db_name", "ino", "kind", "lookups", "opens", "path", "unlinked")
+
+    def __init__(self, ino: int, kind: Kind, path: str, db_name: str) -> None:
+        self.ino = ino
+        self.kind = kind
+        self.path = path
+        self.db_name = db_name
+        self.lookups = 0
+        self.opens = 0
+        self.unlinked = False
+
+
+class Handle:
+    """An open file: the node, its backing descriptor, and its database."""
+
+    __slots__ = ("db", "fd", "kind", "node", "pid")
+
+    def __init__(self, node: Inode, fd: int, db: Database | None, pid: int) -> None:
+        self.node = node
+        self.kind = node.kind
+        self.fd = fd
+        self.db = db
+        self.pid = pid
+
+
+class DirectoryListing:
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: list[tuple[bytes, Inode]]) -> None:
+        self.entries = entries
+
+
+def _error(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+class FileSystem(pyfuse3.Operations):
+    """pyfuse3 operations over a `Store`."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, store: Store) -> None:
+        super().__init__()
+        self.store = store
+        self.dbs_dir = store.dbs_dir
+        self._nodes: dict[int, Inode] = {}
+        self._paths: dict[str, Inode] = {}
+        self._handles: dict[int, Handle | DirectoryListing] = {}
+        self._next_ino = pyfuse3.ROOT_INODE + 1
+        self._next_fh = 1
+        root = Inode(pyfuse3.ROOT_INODE, Kind.DIRECTORY, "", "")
+        root.lookups = 1
+        self._nodes[root.ino] = root
+        self._paths[""] = root
+
+    # -- nodes ------------------------------------------------------------
+
+    def _node_for(self, path: str, kind: Kind, db_name: str) -> Inode:
+        node = self._paths.get(path)
+        if node is None or node.kind is not kind:
+            node = Inode(self._next_ino, kind, path, db_name)
+            self._next_ino += 1
+            self._nodes[node.ino] = node
+            self._paths[path] = node
+        return node
+
+    def _node(self, inode: int) -> Inode:
+        try:
+            return self._nodes[inode]
+        except KeyError:
+            raise _error(errno.ENOENT) from None
+
+    def _directory(self, inode: int) -> Inode:
+        node = self._node(inode)
+        if node.kind is not Kind.DIRECTORY:
+            raise _error(errno.ENOTDIR)
+        return node
+
+    def _classify(self, parent: str, name: str) -> tuple[Kind, str, str] | None:
+        """What `name` in directory `parent` is: (kind, path, database name)."""
+        path = _join(parent, name)
+        store = self.store
+        if not parent and name == PRIMARY_FILE:
+            if store.is_primary or store.primary is None:
+                return None
+            return Kind.PRIMARY, path, ""
+        for suffix, kind in SUFFIXES:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                base = path[: -len(suffix)]
+                if store.database(base) is None:
+                    break
+                if kind is Kind.POSITION or os.path.exists(
+                    self.dbs_dir / base / BACKING_NAMES[kind]
+                ):
+                    return kind, path, base
+                return None
+        if store.database(path) is not None:
+            return Kind.DATABASE, path, path
+        if os.path.isdir(self.dbs_dir / path):
+            return Kind.DIRECTORY, path, ""
+        return None
+
+    def _backing(self, node: Inode) -> Path:
+        kind = node.kind
+        if kind is Kind.DATABASE:
+            return self.dbs_dir / node.path / "database"
+        if kind is Kind.DIRECTORY:
+            return self.dbs_dir / node.path
+        return self.dbs_dir / node.db_name / BACKING_NAMES[kind]
+
+    def _database(self, node: Inode) -> Database:
+        db = self.store.database(node.db_name)
+        if db is None:
+            raise _error(errno.ENOENT)
+        return db
+
+    # -- attributes -------------------------------------------------------
+
+    def _attributes(self, node: Inode) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = node.ino
+        attrs.entry_timeout = ENTRY_TIMEOUT
+        attrs.attr_timeout = ATTR_TIMEOUT
+        kind = node.kind
+        if kind is Kind.POSITION or kind is Kind.PRIMARY:
+            return self._virtual_attributes(node, attrs)
+        st = self._stat(node)
+        attrs.st_mode = st.st_mode
+        attrs.st_nlink = 0 if node.unlinked else st.st_nlink
+        if kind is Kind.DIRECTORY:
+            attrs.st_nlink = 2 + sum(1 for _ in self._subdirectories(node.path))
+        attrs.st_uid = st.st_uid
+        attrs.st_gid = st.st_gid
+        attrs.st_size = st.st_size
+        attrs.st_blksize = st.st_blksize
+        attrs.st_blocks = st.st_blocks
+        attrs.st_atime_ns = st.st_atime_ns
+        attrs.st_mtime_ns = st.st_mtime_ns
+        attrs.st_ctime_ns = st.st_ctime_ns
+        return attrs
+
+    def _stat(self, node: Inode) -> os.stat_result:
+        if not node.unlinked:
+            try:
+                return os.stat(self._backing(node))
+            except FileNotFoundError:
+                pass
+        for handle in self._handles.values():
+            if isinstance(handle, Handle) and handle.node is node:
+                return os.fstat(handle.fd)
+        raise _error(errno.ENOENT)
+
+    def _virtual_attributes(
+        self, node: Inode, attrs: pyfuse3.EntryAttributes
+    ) -> pyfuse3.EntryAttributes:
+        content = self._virtual_content(node)
+        attrs.st_mode = VIRTUAL_FILE_MODE
+        attrs.st_nlink = 1
+        attrs.st_size = len(content)
+        attrs.st_blksize = 4096
+        attrs.st_blocks = 1
+        if node.kind is Kind.POSITION:
+            db = self.store.database(node.db_name)
+            if db is not None and db.fd >= 0:
+                st = os.fstat(db.fd)
+                attrs.st_uid, attrs.st_gid = st.st_uid, st.st_gid
+                attrs.st_mtime_ns = attrs.st_ctime_ns = attrs.st_atime_ns = st.st_mtime_ns
+        return attrs
+
+    def _virtual_content(self, node: Inode) -> bytes:
+        if node.kind is Kind.POSITION:
+            db = self.store.database(node.db_name)
+            if db is None:
+                raise _error(errno.ENOENT)
+            return f"{db.position}\n".encode()
+        primary = self.store.primary
+        if self.store.is_primary or primary is None:
+            raise _error(errno.ENOENT)
+        return f"{primary.hostname}\n".encode()
+
+    def _subdirectories(self, path: str) -> Iterator[str]:
+        try:
+            entries = list(os.scandir(self.dbs_dir / path))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False) and not os.path.isfile(
+                os.path.join(entry.path, "database")
+            ):
+                yield entry.name
+
+    # -- lookups ----------------------------------------------------------
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._directory(parent_inode)
+        found = self._classify(parent.path, os.fsdecode(name))
+        if found is None:
+            attrs = pyfuse3.EntryAttributes()
+            attrs.st_ino = 0
+            attrs.entry_timeout = ENTRY_TIMEOUT
+            return attrs
+        kind, path, db_name = found
+        node = self._node_for(path, kind, db_name)
+        attrs = self._attributes(node)
+        node.lookups += 1
+        return attrs
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            node = self._nodes.get(inode)
+            if node is None:
+                continue
+            node.lookups -= count
+            if node.lookups <= 0 and node.opens <= 0 and node.unlinked:
+                del self._nodes[inode]
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attributes(self._node(inode))
+
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if node.kind is Kind.POSITION or node.kind is Kind.PRIMARY:
+            raise _error(errno.EPERM)
+        if fields.update_size:
+            await self._truncate(node, attr.st_size)
+        path = self._backing(node)
+        try:
+            if fields.update_mode:
+                os.chmod(path, stat.S_IMODE(attr.st_mode))
+            if fields.update_uid or fields.update_gid:
+                os.chown(
+                    path,
+                    attr.st_uid if fields.update_uid else -1,
+                    attr.st_gid if fields.update_gid else -1,
+                )
+            if fields.update_atime or fields.update_mtime:
+                st = os.stat(path)
+                os.utime(
+                    path,
+                    ns=(
+                        attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                        attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns,
+                    ),
+                )
+        except OSError as exc:
+            raise _error(exc.errno or errno.EIO) from None
+        return self._attributes(node)
+
+    async def _truncate(self, node: Inode, size: int) -> None:
+        kind = node.kind
+        if kind is Kind.DIRECTORY:
+            raise _error(errno.EISDIR)
+        if kind is Kind.DATABASE:
+            db = self._database(node)
+            with _as_fuse_errors():
+                db.truncate(size)
+            return
+        if not self.store.is_primary:
+            raise _error(errno.EROFS)
+        committing = False
+        if kind is Kind.JOURNAL and size == 0:
+            db = self._database(node)
+            if db.journal_active:
+                await self._commit(db)
+                committing = True
+                crash_point("before-journal-removal")
+        with _as_fuse_errors():
+            os.truncate(self._backing(node), size)
+        if committing:
+            crash_point("after-journal-removal")
+
+    # -- directories ------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._directory(inode)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = DirectoryListing(self._list(node))
+        return fh
+
+    def _list(self, directory: Inode) -> list[tuple[bytes, Inode]]:
+        entries: list[tuple[bytes, Inode]] = []
+        parent = directory.path
+        try:
+            scanned = sorted(os.scandir(self.dbs_dir / parent), key=lambda e: e.name)
+        except FileNotFoundError:
+            raise _error(errno.ENOENT) from None
+        for entry in scanned:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            path = _join(parent, entry.name)
+            if self.store.database(path) is None:
+                entries.append((os.fsencode(entry.name), self._node_for(path, Kind.DIRECTORY, "")))
+                continue
+            entries.append((os.fsencode(entry.name), self._node_for(path, Kind.DATABASE, path)))
+            for suffix, kind in SUFFIXES:
+                if kind is Kind.POSITION or os.path.exists(
+                    os.path.join(entry.path, BACKING_NAMES[kind])
+                ):
+                    name = entry.name + suffix
+                    node = self._node_for(_join(parent, name), kind, path)
+                    entries.append((os.fsencode(name), node))
+        if not parent and not self.store.is_primary and self.store.primary is not None:
+            node = self._node_for(PRIMARY_FILE, Kind.PRIMARY, "")
+            entries.append((PRIMARY_FILE.encode(), node))
+        return entries
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        listing = self._handles[fh]
+        assert isinstance(listing, DirectoryListing)
+        entries = listing.entries
+        for index in range(start_id, len(entries)):
+            name, node = entries[index]
+            try:
+                attrs = self._attributes(node)
+            except pyfuse3.FUSEError:
+                continue
+            if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        fd = os.open(self.dbs_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            await trio.to_thread.run_sync(os.fsync, fd)
+        finally:
+            os.close(fd)
+
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._directory(parent_inode)
+        if not self.store.is_primary:
+            raise _error(errno.EROFS)
+        text = os.fsdecode(name)
+        if self._classify(parent.path, text) is not None:
+            raise _error(errno.EEXIST)
+        path = _join(parent.path, text)
+        backing = self.dbs_dir / path
+        with _as_fuse_errors():
+            os.mkdir(backing, stat.S_IMODE(mode) & ~ctx.umask)
+            os.chown(backing, ctx.uid, ctx.gid)
+        node = self._node_for(path, Kind.DIRECTORY, "")
+        attrs = self._attributes(node)
+        node.lookups += 1
+        return attrs
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._directory(parent_inode)
+        found = self._classify(parent.path, os.fsdecode(name))
+        if found is None:
+            raise _error(errno.ENOENT)
+        kind, path, _ = found
+        if kind is not Kind.DIRECTORY:
+            raise _error(errno.ENOTDIR)
+        if not self.store.is_primary:
+            raise _error(errno.EROFS)
+        with _as_fuse_errors():
+            os.rmdir(self.dbs_dir / path)
+        self._detach(path)
+
+    # -- files ------------------------------------------------------------
+
+    async def create(
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._directory(parent_inode)
+        text = os.fsdecode(name)
+        if self._classify(parent.path, text) is not None:
+            raise _error(errno.EEXIST)
+        if not self.store.is_primary:
+            raise _error(errno.EROFS)
+        kind, path, db_name = self._new_entry(parent.path, text)
+        permissions = stat.S_IMODE(mode) & ~ctx.umask
+        with _as_fuse_errors():
+            if kind is Kind.DATABASE:
+                db = self.store.create_database(path, permissions)
+                os.fchown(db.fd, ctx.uid, ctx.gid)
+            else:
+                backing = self.dbs_dir / db_name / BACKING_NAMES[kind]
+                fd = os.open(backing, os.O_RDWR | os.O_CREAT | os.O_EXCL, permissions)
+                try:
+                    os.fchown(fd, ctx.uid, ctx.gid)
+                finally:
+                    os.close(fd)
+        node = self._node_for(path, kind, db_name)
+        node.unlinked = False
+        fh = self._open_handle(node, flags, ctx)
+        attrs = self._attributes(node)
+        node.lookups += 1
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), attrs
+
+    def _new_entry(self, parent: str, name: str) -> tuple[Kind, str, str]:
+        path = _join(parent, name)
+        for suffix, kind in SUFFIXES:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                base = path[: -len(suffix)]
+                if self.store.database(base) is None:
+                    break
+                if kind is Kind.POSITION:
+                    raise _error(errno.EPERM)
+                if kind is Kind.WAL:
+                    log.error(
+                        "database %s: refusing to create a WAL file; WAL mode is not supported",
+                        base,
+                    )
+                    raise _error(errno.EPERM)
+                return kind, path, base
+        return Kind.DATABASE, path, path
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        kind = node.kind
+        if kind is Kind.DIRECTORY:
+            raise _error(errno.EISDIR)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if kind is Kind.POSITION or kind is Kind.PRIMARY:
+            if writing:
+                raise _error(errno.EACCES)
+            fh = self._open_handle(node, flags, ctx)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        if writing and not self.store.is_primary:
+            raise _error(errno.EROFS)
+        fh = self._open_handle(node, flags, ctx)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _open_handle(self, node: Inode, flags: int, ctx: pyfuse3.RequestContext) -> int:
+        kind = node.kind
+        fd = -1
+        db: Database | None = None
+        if kind is not Kind.PRIMARY:
+            db = self._database(node)
+        if kind is not Kind.POSITION and kind is not Kind.PRIMARY:
+            access = os.O_RDWR if flags & os.O_ACCMODE != os.O_RDONLY else os.O_RDONLY
+            with _as_fuse_errors():
+                fd = os.open(self._backing(node), access | os.O_CLOEXEC)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(node, fd, db, ctx.pid)
+        node.opens += 1
+        return fh
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles[fh]
+        fd = handle.fd  # type: ignore[union-attr]
+        if fd >= 0:
+            return os.pread(fd, size, off)
+        assert isinstance(handle, Handle)
+        return self._virtual_content(handle.node)[off : off + size]
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles[fh]
+        assert isinstance(handle, Handle)
+        kind = handle.kind
+        try:
+            if kind is Kind.DATABASE:
+                return handle.db.write(off, buf)  # type: ignore[union-attr]
+            if kind is Kind.JOURNAL:
+                db = handle.db
+                assert db is not None
+                if not db.writable:
+                    raise _error(errno.EROFS)
+                if db.journal_written(off, buf):
+                    await self._commit(db)
+                    crash_point("before-journal-removal")
+                    written = os.pwrite(handle.fd, buf, off)
+                    crash_point("after-journal-removal")
+                    return written
+            return os.pwrite(handle.fd, buf, off)
+        except DatabaseError as exc:
+            raise _fuse_error_for(exc) from None
+        except OSError as exc:
+            raise _error(exc.errno or errno.EIO) from None
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._handles[fh]
+        assert isinstance(handle, Handle)
+        if handle.fd >= 0:
+            sync = os.fdatasync if datasync else os.fsync
+            with _as_fuse_errors():
+                await trio.to_thread.run_sync(sync, handle.fd)
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if not isinstance(handle, Handle):
+            return
+        if handle.fd >= 0:
+            os.close(handle.fd)
+        node = handle.node
+        node.opens -= 1
+        if node.opens <= 0 and node.lookups <= 0 and node.unlinked:
+            self._nodes.pop(node.ino, None)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._directory(parent_inode)
+        found = self._classify(parent.path, os.fsdecode(name))
+        if found is None:
+            raise _error(errno.ENOENT)
+        kind, path, db_name = found
+        if kind is Kind.DIRECTORY:
+            raise _error(errno.EISDIR)
+        if kind is Kind.POSITION or kind is Kind.PRIMARY:
+            raise _error(errno.EPERM)
+        if not self.store.is_primary:
+            raise _error(errno.EROFS)
+        with _as_fuse_errors():
+            if kind is Kind.DATABASE:
+                self.store.remove_database(path)
+            else:
+                db = self.store.database(db_name)
+                committing = kind is Kind.JOURNAL and db is not None and db.journal_active
+                if committing:
+                    await self._commit(db)  # type: ignore[arg-type]
+                    crash_point("before-journal-removal")
+                os.unlink(self.dbs_dir / db_name / BACKING_NAMES[kind])
+                if committing:
+                    crash_point("after-journal-removal")
+        self._detach(path)
+        if kind is Kind.DATABASE:
+            for suffix, _ in SUFFIXES:
+                self._detach(path + suffix)
+
+    def _detach(self, path: str) -> None:
+        node = self._paths.pop(path, None)
+        if node is None:
+            return
+        node.unlinked = True
+        if node.lookups <= 0 and node.opens <= 0:
+            self._nodes.pop(node.ino, None)
+
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        old_parent = self._directory(parent_inode_old)
+        new_parent = self._directory(parent_inode_new)
+        found = self._classify(old_parent.path, os.fsdecode(name_old))
+        if found is None:
+            raise _error(errno.ENOENT)
+        kind, old_path, _ = found
+        new_name = os.fsdecode(name_new)
+        if self._classify(new_parent.path, new_name) is not None:
+            raise _error(errno.EEXIST)
+        if not self.store.is_primary:
+            raise _error(errno.EROFS)
+        new_path = _join(new_parent.path, new_name)
+        with _as_fuse_errors():
+            if kind is Kind.DIRECTORY:
+                self.store.rename_directory(old_path, new_path)
+            elif kind is Kind.DATABASE:
+                if any(new_name.endswith(suffix) for suffix, _ in SUFFIXES):
+                    raise _error(errno.EINVAL)
+                self.store.rename_database(old_path, new_path)
+            else:
+                raise _error(errno.EPERM)
+        self._move(old_path, new_path)
+
+    def _move(self, old: str, new: str) -> None:
+        prefix = old + "/"
+        for path in [p for p in self._paths if p == old or p.startswith(prefix)]:
+            node = self._paths.pop(path)
+            node.path = new + path[len(old) :]
+            if node.db_name == old or node.db_name.startswith(prefix):
+                node.db_name = new + node.db_name[len(old) :]
+            self._paths[node.path] = node
+
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise _error(errno.EPERM)
+
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise _error(errno.EPERM)
+
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise _error(errno.EPERM)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.dbs_dir)
+        data = pyfuse3.StatvfsData()
+        for field in (
+            "f_bsize",
+            "f_frsize",
+            "f_blocks",
+            "f_bfree",
+            "f_bavail",
+            "f_files",
+            "f_ffree",
+            "f_favail",
+            "f_namemax",
+        ):
+            setattr(data, field, getattr(st, field))
+        return data
+
+    # -- commit -----------------------------------------------------------
+
+    async def _commit(self, db: Database) -> None:
+        """Capture a transaction in a worker thread; the caller's journal
+        operation goes ahead only once its LTX file is durable."""
+        try:
+            await trio.to_thread.run_sync(self.store.commit, db)
+        except DatabaseError as exc:
+            raise _fuse_error_for(exc) from None
+        except OSError as exc:
+            log.error("database %s: commit failed: %s", db.name, exc)
+            raise _error(errno.EIO) from None
+
+    def open_handles(self) -> list[tuple[str, int]]:
+        """(path, pid) of every file applications still hold open."""
+        return [
+            (handle.node.path, handle.pid)
+            for handle in self._handles.values()
+            if isinstance(handle, Handle)
+        ]
+
+
+def _fuse_error_for(exc: DatabaseError) -> pyfuse3.FUSEError:
+    if isinstance(exc, ReadOnlyError):
+        return _error(errno.EROFS)
+    if isinstance(exc, UnsupportedJournalMode):
+        return _error(errno.EPERM)
+    return _error(errno.EIO)
+
+
+class _as_fuse_errors:
+    """Turn OS and database errors into the errno the kernel should see."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None or isinstance(exc, pyfuse3.FUSEError):
+            return
+        if isinstance(exc, DatabaseError):
+            raise _fuse_error_for(exc) from None
+        if isinstance(exc, FileExistsError):
+            raise _error(errno.EEXIST) from None
+        if isinstance(exc, OSError):
+            raise _error(exc.errno or errno.EIO) from None
+        if isinstance(exc, InvalidName):
+            raise _error(errno.EINVAL) from None
+        if isinstance(exc, KeyError):
+            raise _error(errno.ENOENT) from None
