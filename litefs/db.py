@@ -64,6 +64,10 @@ class ReadOnlyError(DatabaseError):
     """A write reached a database this node does not own (it is a replica)."""
 
 
+class NotPermitted(DatabaseError):
+    """An operation that would break a database's replicated history."""
+
+
 class UnsupportedJournalMode(DatabaseError):
     """SQLite tried to change the database outside a rollback journal."""
 

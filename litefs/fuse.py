@@ -33,6 +33,7 @@ import trio
 from litefs.db import (
     Database,
     DatabaseError,
+    NotPermitted,
     ReadOnlyError,
     UnsupportedJournalMode,
     crash_point,
@@ -723,7 +724,7 @@ class FileSystem(pyfuse3.Operations):
 def _fuse_error_for(exc: DatabaseError) -> pyfuse3.FUSEError:
     if isinstance(exc, ReadOnlyError):
         return _error(errno.EROFS)
-    if isinstance(exc, UnsupportedJournalMode):
+    if isinstance(exc, (UnsupportedJournalMode, NotPermitted)):
         return _error(errno.EPERM)
     return _error(errno.EIO)
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path, PurePosixPath
 
-from litefs.db import Database, Position, ReadOnlyError
+from litefs.db import Database, NotPermitted, Position, ReadOnlyError
 from litefs.lease import PrimaryInfo
 
 log = logging.getLogger("litefs.store")
@@ -149,7 +149,7 @@ class Store:
         with self._lock:
             db = self._dbs[old]
             if db.position.txid:
-                raise ReadOnlyError(f"cannot rename replicated database {old}")
+                raise NotPermitted(f"cannot rename replicated database {old}")
             os.rename(db.path, self.path_of(new))
             db.close()
             del self._dbs[old]
@@ -164,7 +164,7 @@ class Store:
             prefix = old + "/"
             inside = [name for name in self._dbs if name.startswith(prefix)]
             if any(self._dbs[name].position.txid for name in inside):
-                raise ReadOnlyError(f"cannot rename {old}: it holds replicated databases")
+                raise NotPermitted(f"cannot rename {old}: it holds replicated databases")
             os.rename(self.path_of(old), self.path_of(new))
             for name in inside:
                 db = self._dbs.pop(name)

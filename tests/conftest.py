@@ -20,7 +20,8 @@ def start_node(tmp_path: Path) -> Iterator[StartNode]:
 
     def start(name: str = "node1", *, wait: bool = True, **kwargs: object) -> NodeProcess:
         env = kwargs.pop("start_env", None)
-        node = NodeProcess(tmp_path, name, **kwargs)  # type: ignore[arg-type]
+        root = kwargs.pop("root", tmp_path)
+        node = NodeProcess(root, name, **kwargs)  # type: ignore[arg-type]
         started.append(node)
         return node.start(wait=wait, env=env)  # type: ignore[arg-type]
 
