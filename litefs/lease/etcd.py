@@ -69,8 +69,8 @@ class _IdleStream(Exception):
 class _RateLimitedLog:
     """Logs a repeating failure once, then at most every LOG_REPEAT_INTERVAL seconds.
 
-    A dead etcd makes every renewal and every watch reconnect fail; one line per
-    attempt would bury everything else in the log.
+    A dead etcd makes every watch reconnect fail; one line per attempt would
+    bury everything else in the log.
     """
 
     def __init__(self, what: str) -> None:
@@ -306,7 +306,11 @@ def _revision(answer: JSON) -> int:
 def _info_from_kv(kv: JSON | None) -> PrimaryInfo | None:
     if kv is None:
         return None
-    return PrimaryInfo.from_json(_unb64(kv.get("value", "")))
+    try:
+        raw = _unb64(kv.get("value", ""))
+    except ValueError as exc:
+        raise LeaseError(f"etcd gave a value that is not base64: {kv!r}") from exc
+    return PrimaryInfo.from_json(raw)
 
 
 class EtcdLease(Lease):
