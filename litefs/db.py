@@ -189,10 +189,17 @@ class Database:
         return written
 
     def truncate(self, size: int) -> None:
-        if not self.journal_active and self.content is not Content.PLAIN and size > 0:
-            self._refuse("OFF or MEMORY")
+        """Truncate the database file.
+
+        SQLite may shrink the file just after the journal is gone (while it
+        still holds its exclusive lock) to the size the committed header
+        already records; that changes nothing the LTX file did not say.
+        """
         if not self.writable:
             raise ReadOnlyError(f"database {self.name} is read-only on a replica")
+        if not self.journal_active and self.content is Content.SQLITE:
+            if size != self.page_count * self.page_size:
+                self._refuse("OFF or MEMORY")
         os.ftruncate(self.fd, size)
         self._size_changed = True
 
@@ -270,7 +277,7 @@ class Database:
             self._size_changed = False
             return None
         page_size = ltx.sqlite_page_size(header)
-        commit = size // page_size
+        commit = _committed_page_count(header, size, page_size)
         snapshot = self.position.txid == 0 or page_size != self.page_size
         self.content = Content.SQLITE
         pages: range | list[int]
@@ -392,6 +399,9 @@ class Database:
             self._load_checksums()
             if self.position.txid and self.checksum != self.position.checksum:
                 self._rebuild_from_ltx()
+            committed_size = self.page_count * self.page_size
+            if self.content is Content.SQLITE and os.fstat(self.fd).st_size > committed_size:
+                os.ftruncate(self.fd, committed_size)
 
     def _last_good_position(self) -> Position:
         for _min_txid, max_txid, path in reversed(self.ltx_files()):
@@ -434,7 +444,8 @@ class Database:
             return
         self.content = Content.SQLITE
         self.page_size = self._write_page_size = ltx.sqlite_page_size(header)
-        self._checksums = ltx.page_checksums(self.fd, self.page_size, size // self.page_size)
+        count = _committed_page_count(header, size, self.page_size)
+        self._checksums = ltx.page_checksums(self.fd, self.page_size, count)
         self._xor = ltx.checksum_of(self._checksums)
 
     def _rebuild_from_ltx(self) -> None:
@@ -489,6 +500,16 @@ class Database:
             target = trash / f"{os.getpid()}-{time.monotonic_ns()}"
             os.rename(self.path, target)
         shutil.rmtree(target, ignore_errors=True)
+
+
+def _committed_page_count(header: bytes, file_size: int, page_size: int) -> int:
+    """The database size the header records, which SQLite keeps valid as long
+    as the version-valid-for number equals the change counter; SQLite may
+    truncate the file to it only after the journal is gone."""
+    in_header = int.from_bytes(header[28:32], "big")
+    if in_header and header[24:28] == header[92:96]:
+        return min(in_header, file_size // page_size)
+    return file_size // page_size
 
 
 def _journal_is_hot(path: Path) -> bool:

@@ -34,6 +34,15 @@ def is_mounted(path: Path) -> bool:
         return any(line.split()[1] == target for line in mounts if len(line.split()) > 1)
 
 
+def _responds(path: Path) -> bool:
+    """A stale mount left by a killed daemon is listed but fails every call."""
+    try:
+        os.statvfs(path)
+    except OSError:
+        return False
+    return True
+
+
 def force_unmount(path: Path) -> None:
     subprocess.run(
         ["fusermount3", "-u", "-z", str(path)],
@@ -110,7 +119,7 @@ class NodeProcess:
                 raise AssertionError(
                     f"{self.name} exited with {self.process.returncode}:\n{self.log()}"
                 )
-            if is_mounted(self.mount_dir):
+            if is_mounted(self.mount_dir) and _responds(self.mount_dir):
                 return
             time.sleep(0.02)
         raise AssertionError(f"{self.name} did not mount within {MOUNT_TIMEOUT}s:\n{self.log()}")
@@ -162,7 +171,13 @@ class NodeProcess:
         return self.data_dir / "dbs" / name
 
     def ltx_files(self, name: str) -> list[Path]:
-        return sorted((self.db_dir(name) / "ltx").glob("*.ltx"))
+        """The database's LTX files in TXID order (by max TXID, then min)."""
+
+        def txids(path: Path) -> tuple[int, int]:
+            low, high = (int(part, 16) for part in path.stem.split("-"))
+            return high, low
+
+        return sorted((self.db_dir(name) / "ltx").glob("*.ltx"), key=txids)
 
     def sqlite(self, db: str, sql: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run the real `sqlite3` shell on a database in the mount."""

@@ -73,7 +73,7 @@ def lock_data_dir(data_dir: Path) -> int:
 def prepare_mount_dir(mount_dir: Path) -> None:
     """Make the mount point usable, clearing a mount whose daemon is gone."""
     try:
-        os.stat(mount_dir)
+        os.statvfs(mount_dir)  # stat() may answer from the kernel's cache; statfs never does
     except FileNotFoundError:
         mount_dir.mkdir(parents=True)
         return
