@@ -19,6 +19,7 @@ from litefs.db import DatabaseError
 from litefs.fuse import FileSystem
 from litefs.lease import Leaser
 from litefs.lease.static import StaticLeaser
+from litefs.mountpoint import is_mounted, unmount
 from litefs.store import Role, Store
 
 log = logging.getLogger("litefs")
@@ -91,8 +92,6 @@ class Node:
                 log.debug("retention removed %d LTX files", removed)
 
     def _unmount(self) -> None:
-        from litefs.cli.daemon import is_mounted, unmount
-
         assert self.fs is not None
         still_open = self.fs.open_handles()
         if still_open:

@@ -14,10 +14,10 @@ import errno
 import fcntl
 import logging
 import os
-import subprocess
 from pathlib import Path
 
 from litefs.cli import EXIT_USAGE, CommandError
+from litefs.mountpoint import is_mounted, unmount
 
 log = logging.getLogger("litefs")
 
@@ -90,30 +90,3 @@ def prepare_mount_dir(mount_dir: Path) -> None:
         )
     if not mount_dir.is_dir():
         raise CommandError(f"mount directory {mount_dir} is not a directory")
-
-
-def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    try:
-        with open("/proc/self/mounts", encoding="utf-8") as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) > 1 and _unescape(fields[1]) == target:
-                    return True
-    except OSError:
-        return os.path.ismount(path)
-    return False
-
-
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-
-
-def unmount(path: Path) -> None:
-    """Detach the mount at `path` even if something still uses it."""
-    subprocess.run(
-        ["fusermount3", "-u", "-z", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        check=False,
-    )
