@@ -47,7 +47,6 @@ _FRAME = struct.Struct(">IHI")
 _FRAME_HEAD = struct.Struct(">IH")
 _U32BE = struct.Struct(">I")
 _U64BE = struct.Struct(">Q")
-_TRAILER = struct.Struct(">QQ")
 _PGNO = _U32BE.pack
 _ZERO_RESERVED = bytes(20)
 _TERMINATOR = bytes(FRAME_HEADER_SIZE)
@@ -1032,8 +1031,26 @@ def read_page(f: BinaryIO, pgno: int) -> bytes:
     return PageIndex.read(f).read_page(f, pgno)
 
 
-def _zero_page_checksum(pgno: int, page_size: int) -> int:
-    return page_checksum(pgno, bytes(page_size))
+def _require_growth_pages(pgnos: array.array[int], old: int, commit: int, page_size: int) -> None:
+    """A file that grows the database must carry every new page: holes would be guesses."""
+    if commit <= old:
+        return
+    lock = lock_page(page_size)
+    expected = old + 1
+    for pgno in pgnos:
+        if pgno <= old:
+            continue
+        if expected == lock:
+            expected += 1
+        if pgno != expected:
+            break
+        expected += 1
+    if expected == lock:
+        expected += 1
+    if expected <= commit:
+        raise InvalidFrame(
+            f"file grows the database from {old} to {commit} pages but lacks page {expected}"
+        )
 
 
 def apply_file(
@@ -1056,34 +1073,40 @@ def apply_file(
     assert trailer is not None
     ps = header.page_size
     commit = header.commit
-    if checksums is None:
-        if header.is_snapshot or not header.has_checksums:
-            checksums = array.array("Q")
-        else:
+    current = checksums
+    state: array.array[int] | None
+    if header.is_snapshot:
+        state = array.array("Q", bytes(8 * commit))
+    else:
+        if current is None:
             size = os.fstat(db_fd).st_size
             if size % ps:
                 raise InvalidDatabase(
                     f"database size {size} is not a multiple of the file's page size {ps}"
                 )
-            checksums = page_checksums(db_fd, ps, size // ps)
-    if header.is_snapshot:
-        state = array.array("Q", bytes(8 * commit))
-    else:
+            count = size // ps
+            if header.has_checksums:
+                current = page_checksums(db_fd, ps, count)
+        else:
+            count = len(current)
         if header.has_checksums:
-            actual = checksum_of(checksums)
+            assert current is not None
+            actual = checksum_of(current)
             if actual != header.pre_apply_checksum:
                 raise PreApplyChecksumMismatch(header.pre_apply_checksum, actual)
-        state = array.array("Q", checksums[:commit])
-        if len(state) < commit:
-            lock = lock_page(ps)
-            for pgno in range(len(state) + 1, commit + 1):
-                state.append(0 if pgno == lock else _zero_page_checksum(pgno, ps))
-    for pgno, value in dec.page_checksums():
-        state[pgno - 1] = value
-    if header.has_checksums:
-        predicted = checksum_of(state)
-        if predicted != trailer.post_apply_checksum:
-            raise PostApplyChecksumMismatch(trailer.post_apply_checksum, predicted)
+        _require_growth_pages(dec._pgnos, count, commit, ps)
+        if current is None:
+            state = None
+        else:
+            state = array.array("Q", current[:commit])
+            state.extend(array.array("Q", bytes(8 * (commit - len(state)))))
+    if state is not None:
+        for pgno, value in dec.page_checksums():
+            state[pgno - 1] = value
+        if header.has_checksums:
+            predicted = checksum_of(state)
+            if predicted != trailer.post_apply_checksum:
+                raise PostApplyChecksumMismatch(trailer.post_apply_checksum, predicted)
 
     ltx.seek(0)
     writer = Decoder(ltx)
@@ -1104,7 +1127,8 @@ def apply_file(
         _pwrite_all(db_fd, run, run_start)
     os.ftruncate(db_fd, commit * ps)
     os.fsync(db_fd)
-    checksums[:] = state
+    if checksums is not None and state is not None:
+        checksums[:] = state
     return header, trailer
 
 

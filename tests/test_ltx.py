@@ -1041,3 +1041,27 @@ def test_every_error_is_an_ltx_error() -> None:
         ltx.EncoderFinished,
     ):
         assert issubclass(error, ltx.LTXError)
+
+
+def test_apply_refuses_growth_without_the_new_pages(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    v1 = {n: page(n, 1) for n in range(1, 3)}
+    write_db(db, v1)
+    before = db.read_bytes()
+    for commit, pages in ((6, {3: page(3), 4: page(4), 6: page(6)}), (2**32 - 1, {2: page(2)})):
+        hole = encode(delta_header(commit, db_checksum(v1)), pages)
+        with pytest.raises(ltx.InvalidFrame, match="lacks page"):
+            apply(db, hole)
+        assert db.read_bytes() == before
+
+
+def test_apply_without_checksums_still_checks_growth(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    write_db(db, {1: page(1), 2: page(2)})
+    no_sums = dataclasses.replace(
+        delta_header(3, 0), flags=ltx.HEADER_FLAG_NO_CHECKSUM, pre_apply_checksum=0
+    )
+    apply(db, encode(no_sums, {2: page(2, 5), 3: page(3, 5)}, post=0))
+    assert db.read_bytes() == page(1) + page(2, 5) + page(3, 5)
+    with pytest.raises(ltx.InvalidFrame, match="lacks page 4"):
+        apply(db, encode(dataclasses.replace(no_sums, commit=5), {5: page(5)}, post=0))
