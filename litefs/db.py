@@ -80,7 +80,7 @@ class UnsupportedJournalMode(DatabaseError):
 
 
 class RecoveryError(DatabaseError):
-    """The database on disk does not match its LTX history and cannot be rebuilt."""
+    """A crashed transaction could not be settled."""
 
 
 class Content(Enum):
@@ -346,14 +346,13 @@ class Database:
                 post_apply = xor | ltx.CHECKSUM_FLAG
                 encoder.finish(post_apply)
             crash_point("before-ltx-sync")
-            os.fdatasync(fd)
+            os.fdatasync(fd)  # the directory entry is left to the filesystem: see recover()
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise
         finally:
             os.close(fd)
-        _sync_directory(self.ltx_dir)
         self._apply_checksums(changes, commit, lock_pgno, snapshot)
         self._xor = xor
         self.page_size = self._write_page_size = page_size
@@ -398,7 +397,7 @@ class Database:
                 self._settle_hot_journal()
             self._load_checksums()
             if self.position.txid and self.checksum != self.position.checksum:
-                self._rebuild_from_ltx()
+                self._capture_unrecorded_state()
             committed_size = self.page_count * self.page_size
             if self.content is Content.SQLITE and os.fstat(self.fd).st_size > committed_size:
                 os.ftruncate(self.fd, committed_size)
@@ -448,26 +447,28 @@ class Database:
         self._checksums = ltx.page_checksums(self.fd, self.page_size, count)
         self._xor = ltx.checksum_of(self._checksums)
 
-    def _rebuild_from_ltx(self) -> None:
-        files = self.ltx_files()
-        start = next((i for i in range(len(files) - 1, -1, -1) if files[i][0] == 1), None)
-        if start is None:
-            raise RecoveryError(
-                f"database {self.name}: contents (checksum {self.checksum:016x}) do not match "
-                f"the last LTX file (TXID {self.position.txid}, checksum "
-                f"{self.position.checksum:016x}) and no snapshot is retained to rebuild from"
-            )
-        log.error(
-            "database %s: contents do not match TXID %d; rebuilding from LTX files",
+    def _capture_unrecorded_state(self) -> None:
+        """Record contents no LTX file describes as a new snapshot.
+
+        This happens when the newest LTX file was lost with the machine
+        (it is synced, its directory entry is not) after SQLite had already
+        made the transaction durable: the database is right and the history
+        is one file short. Rolling the database back would lose a transaction
+        the application saw committed, so the history is extended instead.
+        """
+        log.warning(
+            "database %s: contents (checksum %016x) do not match TXID %d (checksum %016x); "
+            "recording them as a snapshot at TXID %d",
             self.name,
+            self.checksum,
             self.position.txid,
+            self.position.checksum,
+            self.position.txid + 1,
         )
-        for _min_txid, _max_txid, path in files[start:]:
-            with open(path, "rb") as f:
-                ltx.apply_file(f, self.fd)
-        self._load_checksums()
-        if self.checksum != self.position.checksum:
-            raise RecoveryError(f"database {self.name}: rebuilding from LTX files failed")
+        header = os.pread(self.fd, 100, 0)
+        page_size = ltx.sqlite_page_size(header)
+        commit = self.page_count
+        self._write_ltx(range(1, commit + 1), commit, page_size, True, None)
 
     # -- retention --------------------------------------------------------
 
@@ -542,11 +543,3 @@ def _roll_back_journal(directory: Path, database: Path, journal: Path) -> None:
         journal.unlink()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _sync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -97,9 +97,10 @@ class Handle:
 
 
 class DirectoryListing:
-    __slots__ = ("entries",)
+    __slots__ = ("entries", "path")
 
-    def __init__(self, entries: list[tuple[bytes, Inode]]) -> None:
+    def __init__(self, path: str, entries: list[tuple[bytes, Inode]]) -> None:
+        self.path = path
         self.entries = entries
 
 
@@ -363,7 +364,7 @@ class FileSystem(pyfuse3.Operations):
         node = self._directory(inode)
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = DirectoryListing(self._list(node))
+        self._handles[fh] = DirectoryListing(node.path, self._list(node))
         return fh
 
     def _list(self, directory: Inode) -> list[tuple[bytes, Inode]]:
@@ -410,11 +411,17 @@ class FileSystem(pyfuse3.Operations):
         self._handles.pop(fh, None)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        fd = os.open(self.dbs_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            await trio.to_thread.run_sync(os.fsync, fd)
-        finally:
-            os.close(fd)
+        """Make the directory's entries durable: SQLite asks for this right
+        after creating a journal, which lives in its database's directory."""
+        listing = self._handles.get(fh)
+        if not isinstance(listing, DirectoryListing):
+            return
+        directories = [self.dbs_dir / listing.path]
+        for name, inode in listing.entries:
+            if inode.kind is Kind.JOURNAL:
+                directories.append(self.dbs_dir / inode.db_name)
+        with _as_fuse_errors():
+            await trio.to_thread.run_sync(_sync_directories, directories)
 
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
@@ -568,7 +575,8 @@ class FileSystem(pyfuse3.Operations):
             raise _error(exc.errno or errno.EIO) from None
 
     async def flush(self, fh: int) -> None:
-        return None
+        # ENOSYS tells the kernel never to send FLUSH again: one request less per close.
+        raise _error(errno.ENOSYS)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles[fh]
@@ -719,6 +727,15 @@ class FileSystem(pyfuse3.Operations):
             for handle in self._handles.values()
             if isinstance(handle, Handle)
         ]
+
+
+def _sync_directories(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _fuse_error_for(exc: DatabaseError) -> pyfuse3.FUSEError:

@@ -93,3 +93,20 @@ def test_repeated_kill_9_under_write_load(start_node: StartNode, tmp_path: Path)
         assert done, "the writer committed nothing before the kill"
         assert before + len(done) <= count <= before + len(done) + 1
         assert_consistent(node, "my.db", tmp_path)
+
+
+def test_lost_newest_ltx_file_is_replaced_by_a_snapshot(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    node = start_node("primary")
+    node.sqlite("my.db", "CREATE TABLE t (x); INSERT INTO t VALUES (1); INSERT INTO t VALUES (2);")
+    before = position_of(node, "my.db")
+    assert node.stop() == 0
+    node.ltx_files("my.db")[-1].unlink()  # as a power cut could, before the entry was durable
+
+    node.start()
+    assert "recording them as a snapshot at TXID 3" in node.log()
+    assert position_of(node, "my.db") == before
+    assert node.ltx_files("my.db")[-1].name == "0000000000000001-0000000000000003.ltx"
+    assert node.sqlite("my.db", "SELECT count(*) FROM t;").stdout.strip() == "2"
+    assert_consistent(node, "my.db", tmp_path)
