@@ -197,9 +197,9 @@ class Database:
         """
         if not self.writable:
             raise ReadOnlyError(f"database {self.name} is read-only on a replica")
-        if not self.journal_active and self.content is Content.SQLITE:
-            if size != self.page_count * self.page_size:
-                self._refuse("OFF or MEMORY")
+        committed_size = self.page_count * self.page_size
+        if not self.journal_active and self.content is Content.SQLITE and size != committed_size:
+            self._refuse("OFF or MEMORY")
         os.ftruncate(self.fd, size)
         self._size_changed = True
 

@@ -417,7 +417,7 @@ class FileSystem(pyfuse3.Operations):
         if not isinstance(listing, DirectoryListing):
             return
         directories = [self.dbs_dir / listing.path]
-        for name, inode in listing.entries:
+        for _name, inode in listing.entries:
             if inode.kind is Kind.JOURNAL:
                 directories.append(self.dbs_dir / inode.db_name)
         with _as_fuse_errors():

@@ -243,8 +243,6 @@ def _open_database(db: str, first: str) -> tuple[int, bool]:
 
 def run_apply(args: argparse.Namespace) -> int:
     db: str = args.db
-    if os.path.isdir(db):
-        raise CommandError(f"{db}: Is a directory")
     fd, created = _open_database(db, args.files[0])
     applied = 0
     try:
@@ -269,14 +267,12 @@ def run_apply(args: argparse.Namespace) -> int:
 def run_encode_db(args: argparse.Namespace) -> int:
     db: str = args.db
     out = Path(args.output)
-    if os.path.isdir(db):
-        raise CommandError(f"{db}: Is a directory")
     if out.is_dir():
         raise CommandError(f"{out}: Is a directory")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     except OSError as exc:
-        raise CommandError(_reason(exc, str(out))) from None
+        raise CommandError(f"{out}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             header, trailer = ltx.encode_snapshot(db, f, txid=args.txid, timestamp=args.timestamp)
