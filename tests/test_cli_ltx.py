@@ -254,7 +254,8 @@ def test_encode_db_errors_leave_nothing_behind(work: Path) -> None:
     assert_one_line_error(run("encode-db", FILES[0], "-o", out), "not a SQLite database")
     assert_one_line_error(run("encode-db", work, "-o", out), "Is a directory")
     assert_one_line_error(
-        run("encode-db", GOLDEN / "db-1.sqlite", "-o", work / "no" / "x.ltx"), "No such file"
+        run("encode-db", GOLDEN / "db-1.sqlite", "-o", work / "no" / "x.ltx"),
+        f"{work / 'no' / 'x.ltx'}: No such file",
     )
     usage = run("encode-db", GOLDEN / "db-1.sqlite", "-o", out, "-timestamp", "-3")
     assert usage.returncode == 2
