@@ -14,9 +14,9 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ("bench.ltx",)
+MODULES = ("bench.ltx", "bench.primary")
 
-Row = tuple[str, float, str] | tuple[str, float, str, float]
+Row = tuple[str, float, str] | tuple[str, float, str, float] | tuple[str, float, str, float, str]
 
 
 def print_rows(module: str, rows: list[Row]) -> bool:
@@ -28,11 +28,13 @@ def print_rows(module: str, rows: list[Row]) -> bool:
         name, value, unit = row[0], row[1], row[2]
         target = ""
         verdict = ""
-        if len(row) == 4:
-            minimum = row[3]
-            target = f">= {minimum:g} {unit}"
-            verdict = "ok" if value >= minimum else "MISSED"
-            met = met and value >= minimum
+        if len(row) >= 4:
+            bound = row[3]
+            maximum = len(row) == 5 and row[4] == "max"
+            ok = value <= bound if maximum else value >= bound
+            target = f"{'<=' if maximum else '>='} {bound:g} {unit}"
+            verdict = "ok" if ok else "MISSED"
+            met = met and ok
         print(f"{name:<36} {value:>11.1f} {unit:<4}   {target:<16} {verdict}".rstrip())
     return met
 
