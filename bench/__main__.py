@@ -3,8 +3,9 @@
 A module joins the suite by being named in MODULES and exposing
 `run() -> list[Row]`; a module that prints its own table returns an empty
 list. A row is (name, value, unit) or, when the figure has a target,
-(name, value, unit, target). A target is a minimum, and missing one makes the
-exit status 1 so that a regression cannot pass unnoticed.
+(name, value, unit, target) for a minimum or (name, value, unit, target,
+"max") for a maximum. Missing a target makes the exit status 1 so that a
+regression cannot pass unnoticed.
 
 Arguments select modules by substring: `python -m bench ltx`.
 """
