@@ -79,6 +79,10 @@ class UnsupportedJournalMode(DatabaseError):
         self.mode = mode
 
 
+class PositionMismatch(DatabaseError):
+    """A received LTX file does not continue this database's history."""
+
+
 class RecoveryError(DatabaseError):
     """A crashed transaction could not be settled."""
 
@@ -121,6 +125,7 @@ class Database:
         self.wal_path = path / "wal"
         self.shm_path = path / "shm"
         self.ltx_dir = path / "ltx"
+        self.applying_path = path / "applying"
         self.lock = threading.RLock()
         self.fd = -1
         self.page_size = 0
@@ -140,7 +145,7 @@ class Database:
     @classmethod
     def create(cls, name: str, path: Path, mode: int = 0o644) -> Database:
         """Lay out a new, empty database directory and open it."""
-        path.mkdir(parents=False, exist_ok=False)
+        path.mkdir(parents=True, exist_ok=False)
         (path / "ltx").mkdir()
         fd = os.open(path / "database", os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
         os.close(fd)
@@ -393,6 +398,8 @@ class Database:
         """Bring the database file and its LTX history into agreement."""
         with self.lock:
             self.position = self._last_good_position()
+            if self.applying_path.exists():
+                self._finish_interrupted_apply()
             if _journal_is_hot(self.journal_path):
                 self._settle_hot_journal()
             self._load_checksums()
@@ -447,6 +454,25 @@ class Database:
         self._checksums = ltx.page_checksums(self.fd, self.page_size, count)
         self._xor = ltx.checksum_of(self._checksums)
 
+    def _finish_interrupted_apply(self) -> None:
+        """Finish applying an LTX file if a crash interrupted a replica's apply.
+
+        The marker names the file being applied; files hold whole pages, so
+        writing all of them again over a half-applied database yields exactly
+        the state after the file.
+        """
+        name = self.applying_path.read_text().strip()
+        path = self.ltx_dir / name
+        if path.exists():
+            with open(path, "rb") as f:
+                decoder = ltx.Decoder(f)
+                header = decoder.header
+                for pgno, data in decoder.pages():
+                    os.pwrite(self.fd, data, (pgno - 1) * header.page_size)
+            os.ftruncate(self.fd, header.commit * header.page_size)
+            log.info("database %s: finished applying %s after a crash", self.name, name)
+        self.applying_path.unlink()
+
     def _capture_unrecorded_state(self) -> None:
         """Record contents no LTX file describes as a new snapshot.
 
@@ -469,6 +495,107 @@ class Database:
         page_size = ltx.sqlite_page_size(header)
         commit = self.page_count
         self._write_ltx(range(1, commit + 1), commit, page_size, True, None)
+
+    # -- replication ------------------------------------------------------
+
+    def files_after(self, position: Position) -> list[Path] | None:
+        """The LTX files that bring a replica at `position` to ours, in order.
+
+        None means no chain of retained files does: the replica is ahead,
+        has diverged, or needs files retention already removed, and must be
+        sent a snapshot instead.
+        """
+        with self.lock:
+            current = self.position
+            files = self.ltx_files()
+        if position.txid == current.txid:
+            return [] if position.checksum == current.checksum else None
+        if position.txid == 0 or position.txid > current.txid:
+            return None
+        chain: list[Path] = []
+        expected = position.txid + 1
+        for min_txid, max_txid, path in files:
+            if max_txid < expected:
+                continue
+            if min_txid != expected:
+                return None
+            if not chain and not self._continues(path, position.checksum):
+                return None
+            chain.append(path)
+            expected = max_txid + 1
+        return chain if expected == current.txid + 1 else None
+
+    @staticmethod
+    def _continues(path: Path, checksum: int) -> bool:
+        try:
+            with open(path, "rb") as f:
+                header = ltx.Header.unpack(f.read(ltx.HEADER_SIZE))
+        except (OSError, ltx.LTXError):
+            return False
+        return header.pre_apply_checksum == checksum
+
+    def write_snapshot(
+        self, out: Path, read_lock: contextlib.AbstractContextManager[None]
+    ) -> Position:
+        """Write a snapshot LTX file of the committed database to `out`.
+
+        The file is copied under `read_lock` (SQLite's SHARED lock, so no
+        transaction is half-written) and encoded afterwards, so writers wait
+        only for the copy.
+        """
+        copy = out.with_name(out.name + ".db")
+        try:
+            with read_lock, self.lock:
+                position = self.position
+                size = self.page_count * self.page_size
+                _copy_file(self.fd, copy, size)
+            with open(copy, "rb") as src, open(out, "wb") as dst:
+                _, trailer = ltx.encode_snapshot(src, dst, txid=position.txid)
+            if trailer.post_apply_checksum != position.checksum:
+                raise DatabaseError(
+                    f"database {self.name}: snapshot checksum {trailer.post_apply_checksum:016x} "
+                    f"does not match position {position}"
+                )
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                copy.unlink()
+        return position
+
+    def apply_ltx(
+        self, path: Path, write_lock: contextlib.AbstractContextManager[None]
+    ) -> Position:
+        """Apply a received LTX file, verified in full before any page is written.
+
+        The file is renamed into the history first, so a crash mid-apply is
+        finished by `recover`; pages are written under `write_lock` (SQLite's
+        EXCLUSIVE lock through the mount) so readers never see part of it.
+        """
+        with open(path, "rb") as f:
+            header, trailer = ltx.verify(f)
+        with self.lock:
+            if not header.is_snapshot and (
+                header.min_txid != self.position.txid + 1
+                or header.pre_apply_checksum != self.checksum
+            ):
+                raise PositionMismatch(
+                    f"database {self.name}: LTX file {header.min_txid}-{header.max_txid} "
+                    f"(pre-apply {header.pre_apply_checksum:016x}) does not follow {self.position}"
+                )
+            final = self.ltx_dir / ltx.format_filename(header.min_txid, header.max_txid)
+            os.rename(path, final)
+            if header.is_snapshot:
+                for _min, _max, old in self.ltx_files():
+                    if old != final and _max <= header.max_txid:
+                        old.unlink(missing_ok=True)
+            self.applying_path.write_text(final.name)
+            with write_lock, open(final, "rb") as f:
+                ltx.apply_file(f, self.fd, checksums=self._checksums, sync=False)
+            self.applying_path.unlink()
+            self._xor = ltx.checksum_of(self._checksums)
+            self.page_size = self._write_page_size = header.page_size
+            self.content = Content.SQLITE if header.commit else Content.EMPTY
+            self.position = Position(header.max_txid, trailer.post_apply_checksum)
+            return self.position
 
     # -- retention --------------------------------------------------------
 
@@ -543,3 +670,16 @@ def _roll_back_journal(directory: Path, database: Path, journal: Path) -> None:
         journal.unlink()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _copy_file(fd: int, target: Path, size: int) -> None:
+    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        offset = 0
+        while offset < size:
+            copied = os.copy_file_range(fd, out, size - offset, offset, offset)
+            if copied == 0:
+                raise DatabaseError(f"database file ended at byte {offset}, expected {size}")
+            offset += copied
+    finally:
+        os.close(out)

@@ -19,11 +19,12 @@ This module decides nothing about replication: it asks the store.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from enum import Enum
 from pathlib import Path
 
@@ -521,7 +522,7 @@ class FileSystem(pyfuse3.Operations):
                 raise _error(errno.EACCES)
             fh = self._open_handle(node, flags, ctx)
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
-        if writing and not self.store.is_primary:
+        if writing and not self.store.is_primary and not _is_own_thread(ctx.pid):
             raise _error(errno.EROFS)
         fh = self._open_handle(node, flags, ctx)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -725,6 +726,37 @@ class FileSystem(pyfuse3.Operations):
             log.error("database %s: commit failed: %s", db.name, exc)
             raise _error(errno.EIO) from None
 
+    # -- changes made behind the kernel's back (MountObserver) ---------------
+    # Called from worker and HTTP threads, never from the FUSE loop's.
+
+    def database_changed(self, name: str) -> None:
+        node = self._paths.get(name)
+        if node is not None:
+            _quietly(pyfuse3.invalidate_inode, node.ino, False)
+
+    def database_created(self, name: str) -> None:
+        self._invalidate_names(name)
+
+    def database_removed(self, name: str) -> None:
+        self._invalidate_names(name)
+
+    def role_changed(self) -> None:
+        _quietly(pyfuse3.invalidate_entry, pyfuse3.ROOT_INODE, PRIMARY_FILE.encode())
+
+    def _invalidate_names(self, name: str) -> None:
+        """Drop cached lookups (negative ones too) of a database, its
+        position file, and any directory on its path."""
+        parent_path = ""
+        parts = name.split("/")
+        for depth, part in enumerate(parts):
+            parent = self._paths.get(parent_path)
+            if parent is None:
+                return
+            last = depth == len(parts) - 1
+            for entry in (part, part + "-pos") if last else (part,):
+                _quietly(pyfuse3.invalidate_entry, parent.ino, os.fsencode(entry))
+            parent_path = _join(parent_path, part)
+
     def open_handles(self) -> list[tuple[str, int]]:
         """(path, pid) of every file applications still hold open."""
         return [
@@ -732,6 +764,18 @@ class FileSystem(pyfuse3.Operations):
             for handle in self._handles.values()
             if isinstance(handle, Handle)
         ]
+
+
+def _is_own_thread(pid: int) -> bool:
+    """Whether a request comes from the daemon itself (FUSE reports the
+    calling thread's id), which takes SQLite's locks through the mount."""
+    return os.path.exists(f"/proc/self/task/{pid}")
+
+
+def _quietly(notify: Callable[..., None], *args: object) -> None:
+    """Send a cache invalidation; the kernel may not have had it cached."""
+    with contextlib.suppress(OSError):
+        notify(*args)
 
 
 def _sync_directories(paths: list[Path]) -> None:

@@ -1054,7 +1054,11 @@ def _require_growth_pages(pgnos: array.array[int], old: int, commit: int, page_s
 
 
 def apply_file(
-    ltx: BinaryIO, db_fd: int, *, checksums: array.array[int] | None = None
+    ltx: BinaryIO,
+    db_fd: int,
+    *,
+    checksums: array.array[int] | None = None,
+    sync: bool = True,
 ) -> tuple[Header, Trailer]:
     """Bring a database forward by one file, or refuse and leave it untouched.
 
@@ -1064,6 +1068,8 @@ def apply_file(
     given, is the database's current page-checksum array, trusted instead of
     reading the database, and is updated in place. The file must not change
     between the checks and the writes (LTX files are written once and renamed).
+    `sync=False` leaves the database unsynced, for a replica that can always
+    fetch the file again.
     """
     dec = Decoder(ltx)
     for _ in dec.frames():
@@ -1126,7 +1132,8 @@ def apply_file(
     if run:
         _pwrite_all(db_fd, run, run_start)
     os.ftruncate(db_fd, commit * ps)
-    os.fsync(db_fd)
+    if sync:
+        os.fsync(db_fd)
     if checksums is not None and state is not None:
         checksums[:] = state
     return header, trailer

@@ -1,14 +1,21 @@
 """A running node: the store, its role, the mount and the background services.
 
-The FUSE loop runs on trio in the main thread. Anything a node does besides
-serving the mount (retention now; the lease and HTTP in their own asyncio
-thread) is started here and stopped here, in reverse order.
+The FUSE loop runs on trio in the main thread. The HTTP server, the lease
+and the replica's stream run on asyncio in one second thread. The store is
+where they meet. Start-up binds the HTTP port before mounting (so a busy
+port leaves nothing mounted), and shutdown gives the lease up before the
+mount goes away, so another node can take over at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
+import socket
+import threading
+import time
+from collections.abc import Coroutine
 
 import pyfuse3
 import trio
@@ -17,12 +24,21 @@ from litefs.cli import CommandError
 from litefs.config import Config, LeaseConfig
 from litefs.db import DatabaseError
 from litefs.fuse import FileSystem
-from litefs.lease import Leaser
+from litefs.http.client import ReplicaClient
+from litefs.http.metrics import Metrics
+from litefs.http.server import Server
+from litefs.lease import Lease, LeaseError, LeaseLost, Leaser, PrimaryExists, PrimaryInfo
 from litefs.lease.static import StaticLeaser
 from litefs.mountpoint import is_mounted, unmount
-from litefs.store import Role, Store
+from litefs.store import NullObserver, Role, Store
 
 log = logging.getLogger("litefs")
+
+STARTUP_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+RENEW_MARGIN = 1.0
+"""Seconds before the lease's deadline at which a primary that could not
+renew stops accepting writes."""
 
 
 def make_leaser(lease: LeaseConfig) -> Leaser:
@@ -31,12 +47,31 @@ def make_leaser(lease: LeaseConfig) -> Leaser:
     raise CommandError(f"lease type {lease.type!r} is not available in this build")
 
 
+def node_name(config: Config) -> str:
+    """How this node names itself to others. A static lease's hostname is the
+    primary's, so a static replica goes by its machine and HTTP port."""
+    lease = config.lease
+    if lease.type == "static" and not lease.candidate:
+        return f"{socket.gethostname()}:{config.http.port}"
+    return lease.hostname
+
+
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = Store(config.data.dir, retention=config.data.retention)
+        self.store = Store(
+            config.data.dir, retention=config.data.retention, mount_dir=config.fuse.dir
+        )
         self.leaser = make_leaser(config.lease)
+        self.metrics = Metrics(self.store)
+        self.store.add_listener(self._count_commit)
         self.fs: FileSystem | None = None
+        self.name = node_name(config)
+        self._services = Services(self)
+
+    def _count_commit(self, name: str) -> None:
+        if self.store.is_primary:
+            self.metrics.transactions.labels(name).inc()
 
     def run(self) -> int:
         """Mount and serve until SIGINT or SIGTERM; returns the exit status."""
@@ -46,8 +81,28 @@ class Node:
             raise CommandError(
                 f"cannot open data directory {self.config.data.dir}: {exc}"
             ) from None
-        if self.config.lease.type == "static" and self.config.lease.candidate:
+        self._initial_role()
+        self._services.start()
+        try:
+            self._mount_and_serve()
+        finally:
+            self._services.stop()
+            self.store.close()
+        log.info("stopped")
+        return 0
+
+    def _initial_role(self) -> None:
+        """A static lease is known before mounting: the mount starts in the right mode."""
+        lease = self.config.lease
+        if lease.type != "static":
+            return
+        if lease.candidate:
             self.store.set_role(Role.PRIMARY, None)
+        else:
+            info = PrimaryInfo(lease.hostname, lease.advertise_url or "")
+            self.store.set_role(Role.REPLICA, info)
+
+    def _mount_and_serve(self) -> None:
         self.fs = FileSystem(self.store)
         mount_dir = self.config.fuse.dir
         options = set(pyfuse3.default_options)
@@ -60,23 +115,23 @@ class Node:
             pyfuse3.init(self.fs, str(mount_dir), options)
         except RuntimeError as exc:
             raise CommandError(f"cannot mount {mount_dir}: {exc}") from None
+        self.store.observer = self.fs
         log.info("mounted %s (data in %s)", mount_dir, self.config.data.dir)
+        self._services.mounted.set()
         try:
             trio.run(self._serve)
         finally:
+            self._services.stop()
             self._unmount()
-            self.store.close()
-        log.info("stopped")
-        return 0
 
     async def _serve(self) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._enforce_retention)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
-    async def _watch_signals(self, scope: trio.CancelScope) -> None:
+    async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 log.info("received %s, stopping", signal.Signals(signum).name)
@@ -102,7 +157,141 @@ class Node:
                 len(still_open),
                 ", ".join(map(str, pids)),
             )
+        self.store.observer = NullObserver()
         pyfuse3.close(unmount=True)
         if is_mounted(self.config.fuse.dir):
             unmount(self.config.fuse.dir)
         log.info("unmounted %s", self.config.fuse.dir)
+
+
+class Services:
+    """The asyncio thread: HTTP server, lease, and replication stream."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.mounted = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        """Start the thread and wait until the HTTP port is bound (or failed)."""
+        self._thread = threading.Thread(target=self._run, name="litefs-services", daemon=True)
+        self._thread.start()
+        if not self._started.wait(STARTUP_TIMEOUT):
+            raise CommandError("the HTTP server did not start in time")
+        if self._error is not None:
+            raise CommandError(str(self._error))
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self.mounted.set()
+        self._thread.join(STOP_TIMEOUT)
+        self._thread = None
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        node = self.node
+        config = node.config
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = Server(node.store, node.name, node.metrics)
+        try:
+            await server.start(config.http.host, config.http.port)
+        except OSError as exc:
+            self._error = OSError(f"cannot listen on {config.http.addr}: {exc.strerror}")
+            self._started.set()
+            return
+        self._started.set()
+        roles = asyncio.create_task(self._after_mount(self._roles()))
+        try:
+            await self._stop.wait()
+        finally:
+            roles.cancel()
+            await asyncio.gather(roles, return_exceptions=True)
+            await server.stop()
+            await node.leaser.close()
+
+    async def _after_mount(self, work: Coroutine[None, None, None]) -> None:
+        """Roles need the mount: a replica takes SQLite's locks through it."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.mounted.wait)
+        except BaseException:
+            work.close()
+            raise
+        await work
+
+    async def _roles(self) -> None:
+        """Become primary when the lease allows, follow the primary otherwise."""
+        node = self.node
+        leaser = node.leaser
+        backoff = 0.1
+        while True:
+            info: PrimaryInfo | None = None
+            if leaser.candidate:
+                try:
+                    lease = await leaser.acquire()
+                except PrimaryExists as exc:
+                    info = exc.info
+                except LeaseError as exc:
+                    log.warning("cannot reach the lease: %s; retrying in %.1fs", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                else:
+                    backoff = 0.1
+                    await self._lead(lease)
+                    continue
+            else:
+                try:
+                    info = await leaser.primary_info()
+                except LeaseError as exc:
+                    log.warning("cannot reach the lease: %s; retrying in %.1fs", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+            if info is None:
+                await asyncio.sleep(1.0)
+                continue
+            await self._follow(info)
+
+    async def _lead(self, lease: Lease) -> None:
+        node = self.node
+        node.store.set_role(Role.PRIMARY, None)
+        try:
+            while True:
+                await asyncio.sleep(lease.renew_interval)
+                try:
+                    await lease.renew()
+                except LeaseLost as exc:
+                    log.error("lost the lease: %s; stepping down", exc)
+                    return
+                except LeaseError as exc:
+                    if time.monotonic() + RENEW_MARGIN >= lease.deadline:
+                        log.error("cannot renew the lease before it ends (%s); stepping down", exc)
+                        return
+                    log.warning("lease renewal failed: %s; retrying", exc)
+        finally:
+            node.store.set_role(Role.REPLICA, None)
+            await lease.release()
+
+    async def _follow(self, info: PrimaryInfo) -> None:
+        node = self.node
+        node.store.set_role(Role.REPLICA, info)
+        client = ReplicaClient(node.store, node.name, node.metrics)
+        stream = asyncio.create_task(client.follow(info.advertise_url))
+        try:
+            async for current in node.leaser.watch():
+                if current != info:
+                    return
+            await stream
+        finally:
+            stream.cancel()
+            await asyncio.gather(stream, return_exceptions=True)

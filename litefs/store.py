@@ -9,16 +9,20 @@ method is thread-safe and none of them blocks for long while holding the lock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 from litefs.db import Database, NotPermitted, Position, ReadOnlyError
 from litefs.lease import PrimaryInfo
+from litefs.locking import DatabaseLock
 
 log = logging.getLogger("litefs.store")
 
@@ -50,13 +54,46 @@ Listener = Callable[[str], None]
 """Called with a database name after it changed (commit, creation, removal)."""
 
 
+class MountObserver(Protocol):
+    """What the mount must hear about changes it did not make itself, so the
+    kernel drops what it cached. Called from worker or HTTP threads only."""
+
+    def database_changed(self, name: str) -> None: ...
+
+    def database_created(self, name: str) -> None: ...
+
+    def database_removed(self, name: str) -> None: ...
+
+    def role_changed(self) -> None: ...
+
+
+class NullObserver:
+    def database_changed(self, name: str) -> None:
+        return None
+
+    def database_created(self, name: str) -> None:
+        return None
+
+    def database_removed(self, name: str) -> None:
+        return None
+
+    def role_changed(self) -> None:
+        return None
+
+
 class Store:
     """The databases under `<data>/dbs` and what this node is allowed to do."""
 
-    def __init__(self, data_dir: Path, *, retention: float = 600.0) -> None:
+    def __init__(
+        self, data_dir: Path, *, retention: float = 600.0, mount_dir: Path | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.dbs_dir = data_dir / "dbs"
         self.trash_dir = data_dir / "trash"
+        self.tmp_dir = data_dir / "tmp"
+        self.mount_dir = mount_dir
+        self.observer: MountObserver = NullObserver()
+        self._locks: dict[str, DatabaseLock] = {}
         self.retention = retention
         self.role = Role.REPLICA
         self.primary: PrimaryInfo | None = None
@@ -69,8 +106,9 @@ class Store:
     def open(self) -> None:
         """Load every database on disk, recovering any a crash interrupted."""
         self.dbs_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.trash_dir, ignore_errors=True)
-        self.trash_dir.mkdir(exist_ok=True)
+        for scratch in (self.trash_dir, self.tmp_dir):
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir(exist_ok=True)
         for name, path in self._scan(self.dbs_dir, ""):
             db = Database(name, path)
             db.open()
@@ -91,6 +129,8 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
+            for lock in self._locks.values():
+                lock.close()
             for db in self._dbs.values():
                 db.close()
 
@@ -106,6 +146,9 @@ class Store:
             self.primary = primary
             for db in self._dbs.values():
                 db.writable = role is Role.PRIMARY
+        self.observer.role_changed()
+        for db in self.databases():
+            self._notify(db.name)
         log.info(
             "node is now %s%s",
             role.value,
@@ -181,6 +224,86 @@ class Store:
         if position is not None:
             self._notify(db.name)
         return position
+
+    # -- replication ------------------------------------------------------
+
+    def positions(self) -> dict[str, Position]:
+        with self._lock:
+            return {name: db.position for name, db in self._dbs.items() if db.position.txid}
+
+    def _sqlite_lock(self, name: str) -> DatabaseLock | None:
+        if self.mount_dir is None:
+            return None
+        with self._lock:
+            lock = self._locks.get(name)
+            if lock is None:
+                lock = self._locks[name] = DatabaseLock(self.mount_dir / name)
+            return lock
+
+    def write_snapshot(self, name: str) -> tuple[Path, Position]:
+        """A snapshot LTX file of `name` in the scratch directory; the caller
+        deletes it once sent. Runs in a worker thread."""
+        db = self._dbs.get(name)
+        if db is None:
+            raise KeyError(name)
+        lock = self._sqlite_lock(name)
+        out = self.tmp_dir / f"snapshot-{os.getpid()}-{time.monotonic_ns()}.ltx"
+        read_lock = lock.shared() if lock else contextlib.nullcontext()
+        try:
+            position = db.write_snapshot(out, read_lock)
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+        return out, position
+
+    def incoming_path(self) -> Path:
+        """Where a replica writes an LTX file while it arrives."""
+        return self.tmp_dir / f"incoming-{threading.get_ident()}-{time.monotonic_ns()}.ltx"
+
+    def apply_ltx(self, name: str, path: Path) -> Position:
+        """Apply an LTX file received from the primary (replicas only).
+
+        Runs in a worker thread: it waits for SQLite's EXCLUSIVE lock through
+        the mount, and tells the kernel to drop cached pages before readers
+        may look again.
+        """
+        check_name(name)
+        created = False
+        with self._lock:
+            if self.is_primary:
+                raise NotPermitted(f"refusing to apply {name}: this node is the primary")
+            db = self._dbs.get(name)
+            if db is None:
+                db = Database.create(name, self.path_of(name))
+                db.writable = False
+                self._dbs[name] = db
+                created = True
+        lock = self._sqlite_lock(name) if not created else None
+        position = db.apply_ltx(path, self._exclusive(name, lock))
+        if created:
+            self.observer.database_created(name)
+        self._notify(name)
+        return position
+
+    @contextlib.contextmanager
+    def _exclusive(self, name: str, lock: DatabaseLock | None) -> Iterator[None]:
+        with lock.exclusive() if lock else contextlib.nullcontext():
+            yield
+            self.observer.database_changed(name)
+
+    def drop_database(self, name: str) -> None:
+        """Remove a database the primary no longer has (replicas only)."""
+        with self._lock:
+            db = self._dbs.pop(name, None)
+            lock = self._locks.pop(name, None)
+        if lock is not None:
+            lock.close()
+        if db is None:
+            return
+        db.remove(self.trash_dir)
+        self.observer.database_removed(name)
+        log.info("database %s: dropped, as on the primary", name)
+        self._notify(name)
 
     # -- retention --------------------------------------------------------
 

@@ -1,0 +1,139 @@
+"""The replica's side of the stream: connect, receive, verify, apply, repeat.
+
+Each LTX file is written to the scratch directory as it arrives (a snapshot
+never sits in memory), then handed to the store, which verifies it in full
+and applies it under SQLite's lock in a worker thread. Anything wrong with
+the stream (a malformed frame, a truncated or corrupt file, a file that does
+not follow our position, a primary that vanishes) ends this connection with
+one log line; the next connection sends our real positions, and the primary
+answers with whatever brings us back in line, a snapshot if need be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import aiohttp
+
+from litefs import ltx
+from litefs.db import DatabaseError
+from litefs.http import protocol
+from litefs.http.metrics import Metrics
+from litefs.http.protocol import FrameType
+from litefs.store import Store
+
+log = logging.getLogger("litefs.replica")
+
+CONNECT_TIMEOUT = 5.0
+MIN_BACKOFF = 0.05
+MAX_BACKOFF = 5.0
+
+
+class ReplicationError(Exception):
+    """This connection to the primary cannot go on."""
+
+
+class ReplicaClient:
+    def __init__(self, store: Store, hostname: str, metrics: Metrics) -> None:
+        self.store = store
+        self.hostname = hostname
+        self.metrics = metrics
+        self.ready = asyncio.Event()
+
+    async def follow(self, url: str) -> None:
+        """Stream from the primary at `url` until cancelled, reconnecting with backoff."""
+        backoff = MIN_BACKOFF
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=CONNECT_TIMEOUT, sock_read=protocol.READ_TIMEOUT
+        )
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                started = time.monotonic()
+                try:
+                    await self._stream(session, url)
+                    reason = "the primary ended the stream"
+                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    reason = f"connection to {url} failed: {_describe(exc)}"
+                except asyncio.IncompleteReadError:
+                    reason = f"connection to {url} closed in the middle of a frame"
+                except (protocol.ProtocolError, ReplicationError) as exc:
+                    reason = str(exc)
+                self.ready.clear()
+                if time.monotonic() - started > 10 * MAX_BACKOFF:
+                    backoff = MIN_BACKOFF
+                log.warning("replication interrupted: %s; reconnecting in %.2fs", reason, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def _stream(self, session: aiohttp.ClientSession, url: str) -> None:
+        body = protocol.encode_request(self.hostname, self.store.positions())
+        async with session.post(
+            url + protocol.STREAM_PATH,
+            data=body,
+            headers={"Content-Type": "application/json"},
+        ) as response:
+            if response.status != 200:
+                text = (await response.text())[:200]
+                raise ReplicationError(f"primary at {url} answered {response.status}: {text}")
+            if response.content_type != protocol.CONTENT_TYPE:
+                raise ReplicationError(f"{url} answered with {response.content_type}, not a stream")
+            log.info("connected to primary at %s", url)
+            reader = response.content
+            while True:
+                frame = await protocol.read_frame(reader)
+                if frame.type is FrameType.LTX:
+                    await self._receive(reader, protocol.database_name(frame))
+                elif frame.type is FrameType.READY:
+                    if not self.ready.is_set():
+                        log.info("caught up with primary at %s", url)
+                    self.ready.set()
+                elif frame.type is FrameType.DROP:
+                    name = protocol.database_name(frame)
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, self.store.drop_database, name
+                    )
+                elif frame.type is FrameType.END:
+                    log.info("primary ended the stream: %s", frame.text)
+                    return
+
+    async def _receive(self, reader: protocol.Reader, name: str) -> None:
+        path = self.store.incoming_path()
+        try:
+            size, header = await _receive_file(reader, path)
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self.store.apply_ltx, name, path
+                )
+            except ltx.LTXError as exc:
+                raise ReplicationError(f"rejected LTX file for {name}: {exc}") from None
+            except DatabaseError as exc:
+                raise ReplicationError(str(exc)) from None
+        finally:
+            path.unlink(missing_ok=True)
+        self.metrics.ltx_bytes.inc(size)
+        if header.is_snapshot:
+            self.metrics.snapshots.inc()
+        self.metrics.applied(name, header.timestamp)
+
+
+async def _receive_file(reader: protocol.Reader, path: Path) -> tuple[int, ltx.Header]:
+    size = 0
+    first = b""
+    with open(path, "wb") as out:
+        while chunk := await protocol.read_chunk(reader):
+            if len(first) < ltx.HEADER_SIZE:
+                first += chunk[: ltx.HEADER_SIZE - len(first)]
+            out.write(chunk)
+            size += len(chunk)
+    try:
+        header = ltx.Header.unpack(first)
+    except ltx.LTXError as exc:
+        raise ReplicationError(f"received LTX file has a bad header: {exc}") from None
+    return size, header
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

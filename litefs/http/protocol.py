@@ -1,0 +1,162 @@
+"""The replication stream's wire format (docs/protocol.md is the specification).
+
+A replica POSTs its positions as JSON; the primary answers with a stream of
+frames. A frame is a one-byte type and a four-byte big-endian payload length,
+then the payload. An LTX frame's payload is the database name, and the file
+follows as chunks, each a four-byte length and that many bytes, ended by a
+zero-length chunk. Nothing here does I/O beyond reading from a reader it is
+given, so both sides share one definition.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from litefs.db import Position
+from litefs.store import InvalidName, check_name
+
+CONTENT_TYPE = "application/x-litefs-stream"
+STREAM_PATH = "/stream"
+PROTOCOL_VERSION = 1
+
+HEARTBEAT_INTERVAL = 1.0
+"""Seconds of silence after which the primary sends a heartbeat."""
+
+READ_TIMEOUT = 5.0
+"""Seconds without any frame after which a replica gives the stream up."""
+
+MAX_PAYLOAD = 4096
+MAX_CHUNK = 1 << 20
+MAX_REQUEST = 1 << 20
+
+_FRAME_HEADER = struct.Struct(">cI")
+_CHUNK_HEADER = struct.Struct(">I")
+
+
+class FrameType(Enum):
+    LTX = b"L"
+    READY = b"R"
+    HEARTBEAT = b"H"
+    DROP = b"D"
+    END = b"E"
+
+
+class ProtocolError(Exception):
+    """The peer sent something the protocol does not allow."""
+
+
+class BadRequest(ValueError):
+    """A replica's request that the primary answers with 400."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: FrameType
+    payload: bytes
+
+    @property
+    def text(self) -> str:
+        return self.payload.decode("utf-8", "replace")
+
+
+def frame(kind: FrameType, payload: bytes = b"") -> bytes:
+    return _FRAME_HEADER.pack(kind.value, len(payload)) + payload
+
+
+def chunk(data: bytes | memoryview) -> bytes:
+    return _CHUNK_HEADER.pack(len(data)) + bytes(data)
+
+
+END_OF_FILE = _CHUNK_HEADER.pack(0)
+
+
+class Reader(Protocol):
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+async def read_frame(reader: Reader) -> Frame:
+    header = await reader.readexactly(_FRAME_HEADER.size)
+    code, length = _FRAME_HEADER.unpack(header)
+    try:
+        kind = FrameType(code)
+    except ValueError:
+        raise ProtocolError(f"unknown frame type {code!r}") from None
+    if length > MAX_PAYLOAD:
+        raise ProtocolError(f"{kind.name} frame payload of {length} bytes exceeds {MAX_PAYLOAD}")
+    payload = await reader.readexactly(length) if length else b""
+    return Frame(kind, payload)
+
+
+async def read_chunk(reader: Reader) -> bytes:
+    """One chunk of an LTX file; b"" marks the end of the file."""
+    (length,) = _CHUNK_HEADER.unpack(await reader.readexactly(_CHUNK_HEADER.size))
+    if length > MAX_CHUNK:
+        raise ProtocolError(f"LTX chunk of {length} bytes exceeds {MAX_CHUNK}")
+    return await reader.readexactly(length) if length else b""
+
+
+def database_name(frame: Frame) -> str:
+    try:
+        return check_name(frame.payload.decode("utf-8"))
+    except (UnicodeDecodeError, InvalidName) as exc:
+        raise ProtocolError(f"{frame.type.name} frame names no valid database: {exc}") from None
+
+
+def encode_request(node: str, positions: dict[str, Position]) -> bytes:
+    return json.dumps(
+        {
+            "version": PROTOCOL_VERSION,
+            "node": node,
+            "positions": {
+                name: {"txid": f"{p.txid:016x}", "checksum": f"{p.checksum:016x}"}
+                for name, p in positions.items()
+            },
+        }
+    ).encode()
+
+
+def decode_request(body: bytes) -> tuple[str, dict[str, Position]]:
+    """Parse a replica's request; raises `BadRequest` with what is wrong."""
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest("request body must be a JSON object")
+    if value.get("version", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+        raise BadRequest(f"unsupported protocol version {value.get('version')!r}")
+    node = value.get("node", "")
+    if not isinstance(node, str):
+        raise BadRequest("node must be a string")
+    raw = value.get("positions", {})
+    if not isinstance(raw, dict):
+        raise BadRequest("positions must be an object")
+    positions = {}
+    for name, position in raw.items():
+        try:
+            check_name(name)
+        except InvalidName as exc:
+            raise BadRequest(str(exc)) from None
+        positions[name] = _position(name, position)
+    return node, positions
+
+
+def _position(name: str, value: object) -> Position:
+    if not isinstance(value, dict):
+        raise BadRequest(f"position of {name!r} must be an object")
+    try:
+        txid = _hex64(value["txid"])
+        checksum = _hex64(value["checksum"])
+    except (KeyError, TypeError, ValueError):
+        raise BadRequest(f"position of {name!r} needs txid and checksum as 16 hex digits") from None
+    return Position(txid, checksum)
+
+
+def _hex64(text: object) -> int:
+    if not isinstance(text, str) or len(text) != 16:
+        raise ValueError(text)
+    return int(text, 16)

@@ -1,0 +1,250 @@
+"""The node's HTTP server: the replication stream, /info and /metrics.
+
+It runs on asyncio in the daemon's second thread. The stream handler wakes on
+store change notices (delivered with `call_soon_threadsafe`), never polls,
+and does anything that blocks (snapshots) in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from litefs import ltx
+from litefs.db import EMPTY_POSITION, Position
+from litefs.http import protocol
+from litefs.http.metrics import Metrics
+from litefs.http.protocol import FrameType
+from litefs.store import Store
+
+log = logging.getLogger("litefs.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SMALL_FILE = 1 << 20
+
+
+def json_error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error answer is JSON with an `error` field, never an HTML page."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_error(exc.status, exc.reason)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("internal error serving %s %s", request.method, request.path)
+        return json_error(500, "internal error")
+
+
+class Server:
+    """Serves one node's store over HTTP."""
+
+    def __init__(self, store: Store, hostname: str, metrics: Metrics) -> None:
+        self.store = store
+        self.hostname = hostname
+        self.metrics = metrics
+        self.replicas: dict[int, str] = {}
+        self.app = web.Application(
+            middlewares=[errors_as_json], client_max_size=protocol.MAX_REQUEST
+        )
+        self.app.router.add_post(protocol.STREAM_PATH, self.stream)
+        self.app.router.add_get("/info", self.info)
+        self.app.router.add_get("/metrics", self.render_metrics)
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host or None, port, reuse_address=True)
+        await site.start()
+        log.info("http server listening on %s:%d", host or "*", port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- /info and /metrics -------------------------------------------------
+
+    async def info(self, request: web.Request) -> web.Response:
+        if request.query:
+            return json_error(400, f"/info takes no parameters, got: {', '.join(request.query)}")
+        store = self.store
+        primary = store.primary
+        databases = {
+            db.name: {
+                "txid": f"{db.position.txid:016x}",
+                "checksum": f"{db.position.checksum:016x}",
+                "page_size": db.page_size,
+                "pages": db.page_count,
+            }
+            for db in store.databases()
+            if db.position.txid
+        }
+        return web.json_response(
+            {
+                "node": self.hostname,
+                "role": store.role.value,
+                "primary": {"hostname": primary.hostname, "advertise-url": primary.advertise_url}
+                if primary and not store.is_primary
+                else None,
+                "replicas": sorted(self.replicas.values()),
+                "databases": databases,
+            }
+        )
+
+    async def render_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain")
+
+    # -- the stream ---------------------------------------------------------
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        if request.content_type != "application/json":
+            return json_error(415, "the stream request body must be application/json")
+        try:
+            replica, positions = protocol.decode_request(await request.read())
+        except protocol.BadRequest as exc:
+            return json_error(400, str(exc))
+        if not self.store.is_primary:
+            primary = self.store.primary
+            return json_error(
+                503,
+                "this node is not the primary",
+                primary=primary.advertise_url if primary else None,
+            )
+        response = web.StreamResponse(headers={"Content-Type": protocol.CONTENT_TYPE})
+        await response.prepare(request)
+        session = StreamSession(self.store, response, positions, self.metrics)
+        key = id(session)
+        self.replicas[key] = replica or str(request.remote)
+        self.metrics.connected_replicas.set(len(self.replicas))
+        log.info("replica %s connected", self.replicas[key])
+        try:
+            await session.run()
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            log.info("replica %s disconnected: %s", self.replicas[key], exc or "cancelled")
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            del self.replicas[key]
+            self.metrics.connected_replicas.set(len(self.replicas))
+        return response
+
+
+class StreamSession:
+    """One replica's stream: catch it up, say ready, then follow commits."""
+
+    def __init__(
+        self,
+        store: Store,
+        response: web.StreamResponse,
+        positions: dict[str, Position],
+        metrics: Metrics,
+    ) -> None:
+        self.store = store
+        self.response = response
+        self.sent = dict(positions)
+        self.metrics = metrics
+        self._pending: set[str] = set(positions) | {db.name for db in store.databases()}
+        self._wake = asyncio.Event()
+        self._wake.set()
+        self._loop = asyncio.get_running_loop()
+
+    def _changed(self, name: str) -> None:
+        """Store listener: runs in whichever thread committed."""
+        self._loop.call_soon_threadsafe(self._mark, name)
+
+    def _mark(self, name: str) -> None:
+        self._pending.add(name)
+        self._wake.set()
+
+    async def run(self) -> None:
+        self.store.add_listener(self._changed)
+        try:
+            ready = False
+            while True:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), protocol.HEARTBEAT_INTERVAL)
+                except TimeoutError:
+                    if not self.store.is_primary:
+                        break
+                    await self.response.write(protocol.frame(FrameType.HEARTBEAT))
+                    continue
+                self._wake.clear()
+                if not self.store.is_primary:
+                    break
+                names, self._pending = sorted(self._pending), set()
+                for name in names:
+                    await self._send_database(name)
+                if not ready:
+                    await self.response.write(protocol.frame(FrameType.READY))
+                    ready = True
+            await self.response.write(
+                protocol.frame(FrameType.END, b"this node is no longer the primary")
+            )
+        finally:
+            self.store.remove_listener(self._changed)
+
+    async def _send_database(self, name: str) -> None:
+        db = self.store.database(name)
+        if db is None or db.position.txid == 0:
+            if name in self.sent and db is None:
+                await self.response.write(protocol.frame(FrameType.DROP, name.encode()))
+                del self.sent[name]
+            return
+        have = self.sent.get(name, EMPTY_POSITION)
+        if have == db.position:
+            return
+        files = db.files_after(have)
+        try:
+            for path in files or ():
+                await self._send_file(name, path)
+        except FileNotFoundError:
+            files = None
+        if files is None:
+            await self._send_snapshot(name)
+
+    async def _send_snapshot(self, name: str) -> None:
+        loop = asyncio.get_running_loop()
+        path, position = await loop.run_in_executor(None, self.store.write_snapshot, name)
+        try:
+            log.info("sending %s a snapshot at %s", name, position)
+            await self._send_file(name, path)
+            self.metrics.snapshots.inc()
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def _send_file(self, name: str, path: Path) -> None:
+        """Stream one LTX file; the replica's position afterwards comes from
+        the file's own header (max TXID) and trailer (post-apply checksum)."""
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = protocol.frame(FrameType.LTX, name.encode())
+            if size <= SMALL_FILE:
+                data = f.read()
+                await self.response.write(head + protocol.chunk(data) + protocol.END_OF_FILE)
+                header, trailer = data[: ltx.HEADER_SIZE], data[-ltx.TRAILER_SIZE :]
+            else:
+                await self.response.write(head)
+                header = b""
+                while block := f.read(protocol.MAX_CHUNK):
+                    header = header or block[: ltx.HEADER_SIZE]
+                    await self.response.write(protocol.chunk(block))
+                await self.response.write(protocol.END_OF_FILE)
+                f.seek(size - ltx.TRAILER_SIZE)
+                trailer = f.read(ltx.TRAILER_SIZE)
+        max_txid = ltx.Header.unpack(header).max_txid
+        self.sent[name] = Position(max_txid, int.from_bytes(trailer[:8], "big"))
+        self.metrics.ltx_bytes.inc(size)

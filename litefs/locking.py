@@ -1,0 +1,85 @@
+"""SQLite's own locks, taken by the daemon through its mount.
+
+SQLite locks a database with POSIX byte-range locks on the bytes around
+offset 0x40000000. Our filesystem implements no lock operations, so the
+kernel keeps those locks itself, for the file as seen through the mount. To
+stop readers while a replica applies a transaction, the daemon therefore
+takes the same locks on a descriptor it opened *through the mount*. Locks are
+open-file-description locks, so no other descriptor of the daemon can drop
+them, and all waiting happens in worker threads, never on an event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+PENDING_BYTE = 0x40000000
+RESERVED_BYTE = PENDING_BYTE + 1
+SHARED_FIRST = PENDING_BYTE + 2
+SHARED_SIZE = 510
+
+_FLOCK = struct.Struct("@hhqqi4x")
+
+
+def _lock(fd: int, kind: int, start: int, length: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(kind, os.SEEK_SET, start, length, 0))
+
+
+class DatabaseLock:
+    """SQLite's locks on one database, through one long-lived descriptor."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+        self._mutex = threading.Lock()
+
+    def _descriptor(self) -> int:
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        return self._fd
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold SQLite's EXCLUSIVE lock: no reader is inside a transaction.
+
+        PENDING comes first so that new readers wait while the ones already
+        reading finish, as SQLite's own writers do.
+        """
+        with self._mutex:
+            fd = self._descriptor()
+            _lock(fd, fcntl.F_WRLCK, PENDING_BYTE, 1)
+            try:
+                _lock(fd, fcntl.F_WRLCK, SHARED_FIRST, SHARED_SIZE)
+                try:
+                    yield
+                finally:
+                    _lock(fd, fcntl.F_UNLCK, SHARED_FIRST, SHARED_SIZE)
+            finally:
+                _lock(fd, fcntl.F_UNLCK, PENDING_BYTE, 1)
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        """Hold SQLite's SHARED lock: no writer can be changing the file."""
+        with self._mutex:
+            fd = self._descriptor()
+            _lock(fd, fcntl.F_RDLCK, PENDING_BYTE, 1)
+            try:
+                _lock(fd, fcntl.F_RDLCK, SHARED_FIRST, SHARED_SIZE)
+            finally:
+                _lock(fd, fcntl.F_UNLCK, PENDING_BYTE, 1)
+            try:
+                yield
+            finally:
+                _lock(fd, fcntl.F_UNLCK, SHARED_FIRST, SHARED_SIZE)
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
