@@ -510,11 +510,18 @@ class Database:
             files = self.ltx_files()
         if position.txid == current.txid:
             return [] if position.checksum == current.checksum else None
-        if position.txid == 0 or position.txid > current.txid:
+        if position.txid > current.txid:
             return None
         chain: list[Path] = []
+        rest = files
         expected = position.txid + 1
-        for min_txid, max_txid, path in files:
+        if position.txid == 0:
+            starts = [i for i, (min_txid, _, _) in enumerate(files) if min_txid == 1]
+            if not starts:
+                return None
+            _, max_txid, path = files[starts[-1]]
+            chain, rest, expected = [path], files[starts[-1] + 1 :], max_txid + 1
+        for min_txid, max_txid, path in rest:
             if max_txid < expected:
                 continue
             if min_txid != expected:
@@ -562,7 +569,10 @@ class Database:
         return position
 
     def apply_ltx(
-        self, path: Path, write_lock: contextlib.AbstractContextManager[None]
+        self,
+        path: Path,
+        write_lock: contextlib.AbstractContextManager[None],
+        verified: tuple[ltx.Header, ltx.Trailer] | None = None,
     ) -> Position:
         """Apply a received LTX file, verified in full before any page is written.
 
@@ -570,8 +580,10 @@ class Database:
         finished by `recover`; pages are written under `write_lock` (SQLite's
         EXCLUSIVE lock through the mount) so readers never see part of it.
         """
-        with open(path, "rb") as f:
-            header, trailer = ltx.verify(f)
+        if verified is None:
+            with open(path, "rb") as f:
+                verified = ltx.verify(f)
+        header, trailer = verified
         with self.lock:
             if not header.is_snapshot and (
                 header.min_txid != self.position.txid + 1

@@ -20,7 +20,8 @@ from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from litefs.db import Database, NotPermitted, Position, ReadOnlyError
+from litefs import ltx
+from litefs.db import Database, NotPermitted, Position, PositionMismatch, ReadOnlyError
 from litefs.lease import PrimaryInfo
 from litefs.locking import DatabaseLock
 
@@ -268,20 +269,29 @@ class Store:
         may look again.
         """
         check_name(name)
+        with open(path, "rb") as f:
+            verified = ltx.verify(f)
         created = False
         with self._lock:
             if self.is_primary:
                 raise NotPermitted(f"refusing to apply {name}: this node is the primary")
             db = self._dbs.get(name)
             if db is None:
+                if not verified[0].is_snapshot:
+                    raise PositionMismatch(
+                        f"database {name}: a new database must start with a snapshot, "
+                        f"got TXIDs {verified[0].min_txid}-{verified[0].max_txid}"
+                    )
                 db = Database.create(name, self.path_of(name))
                 db.writable = False
                 self._dbs[name] = db
                 created = True
         lock = self._sqlite_lock(name) if not created else None
-        position = db.apply_ltx(path, self._exclusive(name, lock))
-        if created:
-            self.observer.database_created(name)
+        try:
+            position = db.apply_ltx(path, self._exclusive(name, lock), verified)
+        finally:
+            if created:
+                self.observer.database_created(name)
         self._notify(name)
         return position
 

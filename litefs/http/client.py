@@ -55,10 +55,10 @@ class ReplicaClient:
                 try:
                     await self._stream(session, url)
                     reason = "the primary ended the stream"
+                except (asyncio.IncompleteReadError, aiohttp.ClientPayloadError):
+                    reason = f"the stream from {url} ended in the middle of a frame"
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     reason = f"connection to {url} failed: {_describe(exc)}"
-                except asyncio.IncompleteReadError:
-                    reason = f"connection to {url} closed in the middle of a frame"
                 except (protocol.ProtocolError, ReplicationError) as exc:
                     reason = str(exc)
                 self.ready.clear()

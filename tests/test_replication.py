@@ -1,0 +1,269 @@
+"""Replication: replicas stream LTX from the primary and follow it exactly."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import StartNode
+from node_process import NodeProcess
+
+from litefs import ltx
+
+pytestmark = pytest.mark.fuse
+
+CATCH_UP_TIMEOUT = 60.0
+
+
+def position(node: NodeProcess, db: str) -> str:
+    try:
+        return (node.mount_dir / f"{db}-pos").read_text().strip()
+    except OSError:
+        return ""
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = CATCH_UP_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def wait_caught_up(primary: NodeProcess, replica: NodeProcess, db: str) -> None:
+    wait_for(lambda: position(replica, db) == position(primary, db) != "")
+
+
+def assert_identical(primary: NodeProcess, replica: NodeProcess, db: str) -> None:
+    wait_caught_up(primary, replica, db)
+    assert (replica.db_dir(db) / "database").read_bytes() == (
+        primary.db_dir(db) / "database"
+    ).read_bytes()
+    assert ltx.database_checksum(replica.db_dir(db) / "database") == int(
+        position(primary, db).split("/")[1], 16
+    )
+
+
+@pytest.fixture
+def pair(start_node: StartNode) -> tuple[NodeProcess, NodeProcess]:
+    primary = start_node("primary")
+    replica = start_node("replica", candidate=False, primary=primary)
+    return primary, replica
+
+
+def test_writes_on_the_primary_appear_on_the_replica(
+    pair: tuple[NodeProcess, NodeProcess],
+) -> None:
+    primary, replica = pair
+    primary.sqlite("my.db", "CREATE TABLE t (x); INSERT INTO t VALUES ('hello');")
+    assert_identical(primary, replica, "my.db")
+    assert replica.sqlite("my.db", "SELECT x FROM t;").stdout.strip() == "hello"
+    primary.sqlite("my.db", "INSERT INTO t VALUES ('again');")
+    assert_identical(primary, replica, "my.db")
+    assert replica.sqlite("my.db", "SELECT count(*) FROM t;").stdout.strip() == "2"
+
+
+def test_replica_refuses_writes_and_changes_nothing(
+    pair: tuple[NodeProcess, NodeProcess],
+) -> None:
+    primary, replica = pair
+    primary.sqlite("my.db", "CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+    assert_identical(primary, replica, "my.db")
+    before = (replica.db_dir("my.db") / "database").read_bytes()
+
+    result = replica.sqlite("my.db", "INSERT INTO t VALUES (2);", check=False)
+    assert result.returncode != 0
+    assert "attempt to write a readonly database" in result.stderr
+    with pytest.raises(OSError) as raised:
+        os.open(replica.mount_dir / "new.db", os.O_RDWR | os.O_CREAT, 0o644)
+    assert raised.value.errno == errno.EROFS
+    with pytest.raises(OSError):
+        (replica.mount_dir / "dir").mkdir()
+    with pytest.raises(OSError):
+        os.unlink(replica.mount_dir / "my.db")
+
+    assert (replica.db_dir("my.db") / "database").read_bytes() == before
+    assert not (replica.db_dir("new.db")).exists()
+    assert position(replica, "my.db") == position(primary, "my.db")
+
+
+def test_primary_file_names_the_primary_on_replicas_only(
+    pair: tuple[NodeProcess, NodeProcess],
+) -> None:
+    primary, replica = pair
+    assert (replica.mount_dir / ".primary").read_text() == "primary\n"
+    assert not (primary.mount_dir / ".primary").exists()
+    assert ".primary" in os.listdir(replica.mount_dir)
+
+
+def test_stopped_replica_catches_up_from_ltx_files(
+    pair: tuple[NodeProcess, NodeProcess],
+) -> None:
+    primary, replica = pair
+    primary.sqlite("my.db", "CREATE TABLE t (x);")
+    assert_identical(primary, replica, "my.db")
+    assert replica.stop() == 0
+
+    conn = sqlite3.connect(primary.mount_dir / "my.db", isolation_level=None)
+    for i in range(1000):
+        conn.execute("INSERT INTO t VALUES (?)", (i,))
+    conn.close()
+
+    replica.start()
+    assert_identical(primary, replica, "my.db")
+    assert position(replica, "my.db").startswith(f"{1001:016x}/")
+    assert "a snapshot" not in primary.log()
+
+
+def test_replica_behind_retention_gets_a_snapshot(start_node: StartNode) -> None:
+    primary = start_node(
+        "primary", settings={"data": {"retention": "1s", "retention-monitor-interval": "100ms"}}
+    )
+    replica = start_node("replica", candidate=False, primary=primary)
+    primary.sqlite("my.db", "CREATE TABLE t (x);")
+    assert_identical(primary, replica, "my.db")
+    assert replica.stop() == 0
+    for i in range(5):
+        primary.sqlite("my.db", f"INSERT INTO t VALUES ({i});")
+    wait_for(lambda: len(primary.ltx_files("my.db")) == 1, timeout=15)
+
+    replica.start()
+    assert_identical(primary, replica, "my.db")
+    assert "sending my.db a snapshot" in primary.log()
+    assert replica.sqlite("my.db", "SELECT count(*) FROM t;").stdout.strip() == "5"
+
+
+def test_diverged_replica_is_reseeded(start_node: StartNode, tmp_path: Path) -> None:
+    primary = start_node("primary")
+    replica = start_node("replica", candidate=False, primary=primary)
+    primary.sqlite("my.db", "CREATE TABLE t (x); INSERT INTO t VALUES ('shared');")
+    assert_identical(primary, replica, "my.db")
+    assert replica.stop() == 0
+
+    # The replica's data directory, run as a primary of its own, commits a
+    # transaction the real primary never sees: same TXID, other checksum.
+    rogue = NodeProcess(tmp_path, "replica")
+    rogue.start()
+    rogue.sqlite("my.db", "INSERT INTO t VALUES ('rogue');")
+    assert rogue.stop() == 0
+    primary.sqlite("my.db", "INSERT INTO t VALUES ('real');")
+    assert position(primary, "my.db").split("/")[0] == f"{3:016x}"
+
+    replica = NodeProcess(tmp_path, "replica", candidate=False, primary=primary)
+    replica.start()
+    try:
+        assert_identical(primary, replica, "my.db")
+        rows = replica.sqlite("my.db", "SELECT x FROM t ORDER BY rowid;").stdout.split()
+        assert rows == ["shared", "real"]
+    finally:
+        replica.cleanup()
+
+
+def test_replica_ahead_of_the_primary_is_reseeded(start_node: StartNode, tmp_path: Path) -> None:
+    primary = start_node("primary")
+    replica = start_node("replica", candidate=False, primary=primary)
+    primary.sqlite("my.db", "CREATE TABLE t (x);")
+    assert_identical(primary, replica, "my.db")
+    assert replica.stop() == 0
+    rogue = NodeProcess(tmp_path, "replica")
+    rogue.start()
+    for i in range(3):
+        rogue.sqlite("my.db", f"INSERT INTO t VALUES ({i});")
+    assert rogue.stop() == 0
+
+    replica = NodeProcess(tmp_path, "replica", candidate=False, primary=primary)
+    replica.start()
+    try:
+        assert_identical(primary, replica, "my.db")
+        assert replica.sqlite("my.db", "SELECT count(*) FROM t;").stdout.strip() == "0"
+    finally:
+        replica.cleanup()
+
+
+def test_several_databases_replicate_and_deletions_follow(
+    pair: tuple[NodeProcess, NodeProcess],
+) -> None:
+    primary, replica = pair
+    (primary.mount_dir / "sub").mkdir()
+    for name in ("a.db", "b.db", "sub/c.db"):
+        primary.sqlite(name, f"CREATE TABLE t (x); INSERT INTO t VALUES ('{name}');")
+    for name in ("a.db", "b.db", "sub/c.db"):
+        assert_identical(primary, replica, name)
+        assert replica.sqlite(name, "SELECT x FROM t;").stdout.strip() == name
+
+    os.unlink(primary.mount_dir / "b.db")
+    wait_for(lambda: not (replica.mount_dir / "b.db").exists())
+    assert not replica.db_dir("b.db").exists()
+    assert sorted(os.listdir(replica.mount_dir)) == [".primary", "a.db", "a.db-pos", "sub"]
+
+
+def test_reader_on_the_replica_never_sees_a_partial_transaction(
+    pair: tuple[NodeProcess, NodeProcess],
+) -> None:
+    primary, replica = pair
+    accounts = 20
+    primary.sqlite(
+        "bank.db",
+        "CREATE TABLE account (id INTEGER PRIMARY KEY, balance INTEGER);"
+        + "".join(f"INSERT INTO account VALUES ({i}, 100);" for i in range(accounts)),
+    )
+    assert_identical(primary, replica, "bank.db")
+    stop = threading.Event()
+    sums: list[int] = []
+    failures: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            conn = sqlite3.connect(replica.mount_dir / "bank.db", timeout=30, isolation_level=None)
+            while not stop.is_set():
+                sums.append(conn.execute("SELECT sum(balance) FROM account").fetchone()[0])
+        except BaseException as exc:
+            failures.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        conn = sqlite3.connect(primary.mount_dir / "bank.db", isolation_level=None)
+        for i in range(2000):
+            a, b = i % accounts, (i * 7 + 3) % accounts
+            conn.execute("BEGIN")
+            conn.execute("UPDATE account SET balance = balance - 5 WHERE id = ?", (a,))
+            conn.execute("UPDATE account SET balance = balance + 5 WHERE id = ?", (b,))
+            conn.execute("COMMIT")
+        conn.close()
+        assert_identical(primary, replica, "bank.db")
+    finally:
+        stop.set()
+        reader.join(60)
+    assert not failures
+    assert len(sums) > 100
+    assert set(sums) == {100 * accounts}
+
+
+def test_replication_lag_is_milliseconds(pair: tuple[NodeProcess, NodeProcess]) -> None:
+    primary, replica = pair
+    primary.sqlite("my.db", "CREATE TABLE t (x);")
+    assert_identical(primary, replica, "my.db")
+    conn = sqlite3.connect(primary.mount_dir / "my.db", isolation_level=None)
+    for i in range(20):
+        conn.execute("INSERT INTO t VALUES (?)", (i,))
+        wait_for(lambda i=i: position(replica, "my.db") == position(primary, "my.db"), 5)
+    conn.close()
+
+
+def test_large_snapshot_streams_to_a_new_replica(start_node: StartNode) -> None:
+    primary = start_node("primary")
+    primary.sqlite(
+        "big.db",
+        "CREATE TABLE t (x); WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n "
+        "WHERE i < 100000) INSERT INTO t SELECT randomblob(1000) FROM n;",
+    )
+    replica = start_node("replica", candidate=False, primary=primary)
+    assert_identical(primary, replica, "big.db")
+    assert replica.sqlite("big.db", "SELECT count(*) FROM t;").stdout.strip() == "100000"
