@@ -200,9 +200,10 @@ class Database:
         still holds its exclusive lock) to the size the committed header
         already records; that changes nothing the LTX file did not say.
         """
-        if not self.writable:
-            raise ReadOnlyError(f"database {self.name} is read-only on a replica")
         committed_size = self.page_count * self.page_size
+        rolling_back = self.journal_active and size == committed_size
+        if not self.writable and not rolling_back:
+            raise ReadOnlyError(f"database {self.name} is read-only on a replica")
         if not self.journal_active and self.content is Content.SQLITE and size != committed_size:
             self._refuse("OFF or MEMORY")
         os.ftruncate(self.fd, size)
@@ -219,8 +220,6 @@ class Database:
         self.content = Content.PLAIN
 
     def _check_page_one(self, data: bytes) -> None:
-        if not self.writable:
-            raise ReadOnlyError(f"database {self.name} is read-only on a replica")
         if data[:16] != SQLITE_MAGIC:
             return
         if len(data) > 19 and (data[18] == 2 or data[19] == 2):
@@ -245,11 +244,14 @@ class Database:
         """Track the journal header; returns True when this write commits.
 
         SQLite writes the magic at offset 0 before it changes the database,
-        and in PERSIST mode zeroes it again to commit.
+        and in PERSIST mode zeroes it again to commit. A transaction may go on
+        after the node stepped down (to roll back), but none may begin.
         """
         if offset != 0 or len(data) < 8:
             return False
         if data[:8] == JOURNAL_MAGIC:
+            if not self.writable and not self.journal_active:
+                raise ReadOnlyError(f"database {self.name} is read-only on a replica")
             self.journal_active = True
             return False
         return self.journal_active and not any(data[:8])
@@ -263,10 +265,35 @@ class Database:
         or a transaction that wrote back what was there).
         """
         with self.lock:
+            if not self.writable and self._has_changes():
+                raise ReadOnlyError(
+                    f"database {self.name}: this node stopped being the primary "
+                    "before the transaction committed"
+                )
             try:
                 return self._commit(timestamp)
             finally:
                 self.journal_active = False
+
+    def _has_changes(self) -> bool:
+        """Whether the file differs from the committed state in a page SQLite wrote.
+
+        A transaction in flight when the node stepped down may still end, but
+        only by rolling back, which writes every page back as it was.
+        """
+        size = os.fstat(self.fd).st_size
+        if self.page_size == 0:
+            return size != 0
+        if size != self.page_count * self.page_size:
+            return True
+        checksums = self._checksums
+        for pgno in self._dirty:
+            if pgno > len(checksums):
+                return True
+            data = os.pread(self.fd, self.page_size, (pgno - 1) * self.page_size)
+            if checksums[pgno - 1] and ltx.page_checksum(pgno, data) != checksums[pgno - 1]:
+                return True
+        return False
 
     def _commit(self, timestamp: int | None) -> Position | None:
         if not self._dirty and not self._size_changed:
@@ -601,6 +628,7 @@ class Database:
                         old.unlink(missing_ok=True)
             self.applying_path.write_text(final.name)
             with write_lock, open(final, "rb") as f:
+                self._discard_unfinished_transaction()
                 ltx.apply_file(f, self.fd, checksums=self._checksums, sync=False)
             self.applying_path.unlink()
             self._xor = ltx.checksum_of(self._checksums)
@@ -608,6 +636,19 @@ class Database:
             self.content = Content.SQLITE if header.commit else Content.EMPTY
             self.position = Position(header.max_txid, trailer.post_apply_checksum)
             return self.position
+
+    def _discard_unfinished_transaction(self) -> None:
+        """Roll back what a transaction left when its node stopped being the
+        primary mid-way; SQLite's EXCLUSIVE lock is held, so its writer is gone."""
+        if self.journal_active or _journal_is_hot(self.journal_path):
+            log.warning(
+                "database %s: rolling back a transaction the primary never committed", self.name
+            )
+            if _journal_is_hot(self.journal_path):
+                _roll_back_journal(self.path, self.database_path, self.journal_path)
+            self.journal_active = False
+            self._dirty.clear()
+            self._size_changed = False
 
     # -- retention --------------------------------------------------------
 

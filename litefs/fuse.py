@@ -345,7 +345,7 @@ class FileSystem(pyfuse3.Operations):
             with _as_fuse_errors():
                 db.truncate(size)
             return
-        if not self.store.is_primary:
+        if not self.store.is_primary and kind is not Kind.JOURNAL:
             raise _error(errno.EROFS)
         committing = False
         if kind is Kind.JOURNAL and size == 0:
@@ -561,8 +561,6 @@ class FileSystem(pyfuse3.Operations):
             if kind is Kind.JOURNAL:
                 db = handle.db
                 assert db is not None
-                if not db.writable:
-                    raise _error(errno.EROFS)
                 if db.journal_written(off, buf):
                     await self._commit(db)
                     crash_point("before-journal-removal")
@@ -613,7 +611,7 @@ class FileSystem(pyfuse3.Operations):
             raise _error(errno.EISDIR)
         if kind is Kind.POSITION or kind is Kind.PRIMARY:
             raise _error(errno.EPERM)
-        if not self.store.is_primary:
+        if not self.store.is_primary and kind is not Kind.JOURNAL:
             raise _error(errno.EROFS)
         with _as_fuse_errors():
             if kind is Kind.DATABASE:

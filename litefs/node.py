@@ -42,9 +42,28 @@ renew stops accepting writes."""
 
 
 def make_leaser(lease: LeaseConfig) -> Leaser:
-    if lease.type == "static":
-        return StaticLeaser(lease.hostname, lease.advertise_url or "", lease.candidate)
-    raise CommandError(f"lease type {lease.type!r} is not available in this build")
+    advertise_url = lease.advertise_url or ""
+    if lease.type == "consul" and lease.consul is not None:
+        from litefs.lease.consul import ConsulLeaser
+
+        consul = lease.consul
+        return ConsulLeaser(
+            consul.url,
+            consul.key,
+            consul.ttl,
+            consul.lock_delay,
+            lease.hostname,
+            advertise_url,
+            lease.candidate,
+        )
+    if lease.type == "etcd" and lease.etcd is not None:
+        from litefs.lease.etcd import EtcdLeaser
+
+        etcd = lease.etcd
+        return EtcdLeaser(
+            etcd.endpoints, etcd.key, etcd.ttl, lease.hostname, advertise_url, lease.candidate
+        )
+    return StaticLeaser(lease.hostname, advertise_url, lease.candidate)
 
 
 def node_name(config: Config) -> str:
@@ -95,6 +114,7 @@ class Node:
         """A static lease is known before mounting: the mount starts in the right mode."""
         lease = self.config.lease
         if lease.type != "static":
+            self.store.set_role(Role.REPLICA, None)
             return
         if lease.candidate:
             self.store.set_role(Role.PRIMARY, None)
@@ -263,21 +283,33 @@ class Services:
             await self._follow(info)
 
     async def _lead(self, lease: Lease) -> None:
+        """Be the primary while the lease lasts.
+
+        Writes stop a margin before the lease's deadline unless a renewal has
+        succeeded by then, however long the backend takes to answer: after
+        the deadline another node may hold the lease.
+        """
         node = self.node
+        margin = min(RENEW_MARGIN, lease.ttl / 4)
         node.store.set_role(Role.PRIMARY, None)
+        log.info("acquired the lease; this node is the primary")
         try:
+            wait = lease.renew_interval
             while True:
-                await asyncio.sleep(lease.renew_interval)
+                await asyncio.sleep(wait)
+                remaining = lease.deadline - margin - time.monotonic()
+                if remaining <= 0:
+                    log.error("the lease could not be renewed in time; stepping down")
+                    return
                 try:
-                    await lease.renew()
+                    await asyncio.wait_for(lease.renew(), remaining)
+                    wait = lease.renew_interval
                 except LeaseLost as exc:
                     log.error("lost the lease: %s; stepping down", exc)
                     return
-                except LeaseError as exc:
-                    if time.monotonic() + RENEW_MARGIN >= lease.deadline:
-                        log.error("cannot renew the lease before it ends (%s); stepping down", exc)
-                        return
-                    log.warning("lease renewal failed: %s; retrying", exc)
+                except (LeaseError, TimeoutError) as exc:
+                    log.warning("lease renewal failed: %s; retrying", exc or "timed out")
+                    wait = min(lease.renew_interval, 0.5)
         finally:
             node.store.set_role(Role.REPLICA, None)
             await lease.release()

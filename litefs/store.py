@@ -146,7 +146,8 @@ class Store:
             self.role = role
             self.primary = primary
             for db in self._dbs.values():
-                db.writable = role is Role.PRIMARY
+                with db.lock:  # a commit under way finishes first
+                    db.writable = role is Role.PRIMARY
         self.observer.role_changed()
         for db in self.databases():
             self._notify(db.name)

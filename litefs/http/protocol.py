@@ -127,7 +127,8 @@ def decode_request(body: bytes) -> tuple[str, dict[str, Position]]:
         raise BadRequest(f"request body is not JSON: {exc}") from None
     if not isinstance(value, dict):
         raise BadRequest("request body must be a JSON object")
-    if value.get("version", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+    version = value.get("version", PROTOCOL_VERSION)
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise BadRequest(f"unsupported protocol version {value.get('version')!r}")
     node = value.get("node", "")
     if not isinstance(node, str):
@@ -156,7 +157,11 @@ def _position(name: str, value: object) -> Position:
     return Position(txid, checksum)
 
 
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
 def _hex64(text: object) -> int:
-    if not isinstance(text, str) or len(text) != 16:
+    """Exactly 16 hex digits: int() alone would also take signs, 0x and underscores."""
+    if not isinstance(text, str) or len(text) != 16 or not _HEX_DIGITS.issuperset(text):
         raise ValueError(text)
     return int(text, 16)
