@@ -620,11 +620,13 @@ class Database:
                     f"database {self.name}: LTX file {header.min_txid}-{header.max_txid} "
                     f"(pre-apply {header.pre_apply_checksum:016x}) does not follow {self.position}"
                 )
+            with open(path, "rb") as f:
+                ltx.apply_file(f, self.fd, checksums=self._checksums, dry_run=True)
             final = self.ltx_dir / ltx.format_filename(header.min_txid, header.max_txid)
             os.rename(path, final)
             if header.is_snapshot:
                 for _min, _max, old in self.ltx_files():
-                    if old != final and _max <= header.max_txid:
+                    if old != final:
                         old.unlink(missing_ok=True)
             self.applying_path.write_text(final.name)
             with write_lock, open(final, "rb") as f:

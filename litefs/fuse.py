@@ -760,7 +760,7 @@ class FileSystem(pyfuse3.Operations):
         return [
             (handle.node.path, handle.pid)
             for handle in self._handles.values()
-            if isinstance(handle, Handle)
+            if isinstance(handle, Handle) and not _is_own_thread(handle.pid)
         ]
 
 

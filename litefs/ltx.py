@@ -1059,6 +1059,7 @@ def apply_file(
     *,
     checksums: array.array[int] | None = None,
     sync: bool = True,
+    dry_run: bool = False,
 ) -> tuple[Header, Trailer]:
     """Bring a database forward by one file, or refuse and leave it untouched.
 
@@ -1069,7 +1070,7 @@ def apply_file(
     reading the database, and is updated in place. The file must not change
     between the checks and the writes (LTX files are written once and renamed).
     `sync=False` leaves the database unsynced, for a replica that can always
-    fetch the file again.
+    fetch the file again. `dry_run=True` makes every check and writes nothing.
     """
     dec = Decoder(ltx)
     for _ in dec.frames():
@@ -1113,6 +1114,8 @@ def apply_file(
             predicted = checksum_of(state)
             if predicted != trailer.post_apply_checksum:
                 raise PostApplyChecksumMismatch(trailer.post_apply_checksum, predicted)
+    if dry_run:
+        return header, trailer
 
     ltx.seek(0)
     writer = Decoder(ltx)

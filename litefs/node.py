@@ -83,14 +83,13 @@ class Node:
         )
         self.leaser = make_leaser(config.lease)
         self.metrics = Metrics(self.store)
-        self.store.add_listener(self._count_commit)
+        self.store.on_commit = self._count_commit
         self.fs: FileSystem | None = None
         self.name = node_name(config)
         self._services = Services(self)
 
     def _count_commit(self, name: str) -> None:
-        if self.store.is_primary:
-            self.metrics.transactions.labels(name).inc()
+        self.metrics.transactions.labels(name).inc()
 
     def run(self) -> int:
         """Mount and serve until SIGINT or SIGTERM; returns the exit status."""
@@ -143,6 +142,7 @@ class Node:
         finally:
             self._services.stop()
             self._unmount()
+            self.store.release_locks()  # the mount is gone: closing cannot wait on it
 
     async def _serve(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -155,8 +155,16 @@ class Node:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 log.info("received %s, stopping", signal.Signals(signum).name)
+                await trio.to_thread.run_sync(self._stop_services)
                 pyfuse3.terminate()
                 return
+
+    def _stop_services(self) -> None:
+        """Give the lease up and stop replicating while the mount still serves:
+        both may be waiting on a request to it, and closing a descriptor
+        opened through it needs an answer from it."""
+        self._services.stop()
+        self.store.release_locks()
 
     async def _enforce_retention(self) -> None:
         interval = self.config.data.retention_monitor_interval

@@ -101,6 +101,8 @@ class Store:
         self._dbs: dict[str, Database] = {}
         self._lock = threading.RLock()
         self._listeners: list[Listener] = []
+        self.on_commit: Listener | None = None
+        """Called with a database's name after each transaction it captured."""
 
     # -- life cycle -------------------------------------------------------
 
@@ -128,10 +130,17 @@ class Store:
             else:
                 yield from self._scan(path, f"{name}/")
 
-    def close(self) -> None:
+    def release_locks(self) -> None:
+        """Close the descriptors held through the mount; before it goes away."""
         with self._lock:
-            for lock in self._locks.values():
+            locks, self._locks = list(self._locks.values()), {}
+        for lock in locks:
+            with contextlib.suppress(OSError):
                 lock.close()
+
+    def close(self) -> None:
+        self.release_locks()
+        with self._lock:
             for db in self._dbs.values():
                 db.close()
 
@@ -224,6 +233,8 @@ class Store:
         """Capture the transaction that just ended on `db`; see `Database.commit`."""
         position = db.commit()
         if position is not None:
+            if self.on_commit is not None:
+                self.on_commit(db.name)
             self._notify(db.name)
         return position
 

@@ -23,7 +23,8 @@ def start_node(tmp_path: Path) -> Iterator[StartNode]:
         root = kwargs.pop("root", tmp_path)
         node = NodeProcess(root, name, **kwargs)  # type: ignore[arg-type]
         started.append(node)
-        return node.start(wait=wait, env=env)  # type: ignore[arg-type]
+        node.start(wait=wait, env=env)  # type: ignore[arg-type]
+        return node
 
     yield start
     for node in reversed(started):

@@ -187,7 +187,6 @@ def test_metrics_on_the_replica_count_applied_files_and_lag(cluster: Cluster) ->
     assert samples[("litefs_is_primary", ())] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="every store change notice, role changes too, is counted")
 def test_restarting_the_primary_counts_no_transaction(start_node: StartNode) -> None:
     primary = start_node("primary")
     primary.sqlite("count.db", "CREATE TABLE t (x);")

@@ -8,6 +8,7 @@ and does anything that blocks (snapshots) in worker threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -41,7 +42,10 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return json_error(exc.status, exc.reason)
+        response = json_error(exc.status, exc.reason)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -137,6 +141,11 @@ class Server:
             log.info("replica %s disconnected: %s", self.replicas[key], exc or "cancelled")
             if isinstance(exc, asyncio.CancelledError):
                 raise
+        except Exception as exc:
+            # The status line is long gone: end the stream so the replica reconnects.
+            log.error("stream to replica %s failed: %s", self.replicas[key], exc)
+            with contextlib.suppress(ConnectionError):
+                await response.write(protocol.frame(FrameType.END, str(exc).encode()[:1024]))
         finally:
             del self.replicas[key]
             self.metrics.connected_replicas.set(len(self.replicas))
