@@ -596,32 +596,25 @@ class Database:
         return position
 
     def apply_ltx(
-        self,
-        path: Path,
-        write_lock: contextlib.AbstractContextManager[None],
-        verified: tuple[ltx.Header, ltx.Trailer] | None = None,
+        self, path: Path, write_lock: contextlib.AbstractContextManager[None]
     ) -> Position:
-        """Apply a received LTX file, verified in full before any page is written.
+        """Apply a received LTX file, checked in full before any page is written.
 
-        The file is renamed into the history first, so a crash mid-apply is
-        finished by `recover`; pages are written under `write_lock` (SQLite's
-        EXCLUSIVE lock through the mount) so readers never see part of it.
+        The file is read twice: once to check it (file checksum, continuity
+        with our position, the checksum it promises), once to write it. It
+        enters the history before the first page is written, with a marker,
+        so `recover` can finish an apply a crash interrupted; pages are
+        written under `write_lock` (SQLite's EXCLUSIVE lock through the
+        mount) so readers never see part of it.
         """
-        if verified is None:
-            with open(path, "rb") as f:
-                verified = ltx.verify(f)
-        header, trailer = verified
-        with self.lock:
-            if not header.is_snapshot and (
-                header.min_txid != self.position.txid + 1
-                or header.pre_apply_checksum != self.checksum
-            ):
+        with self.lock, open(path, "rb") as f:
+            checked = ltx.check_apply(f, self.fd, checksums=self._checksums)
+            header = checked.header
+            if not header.is_snapshot and header.min_txid != self.position.txid + 1:
                 raise PositionMismatch(
                     f"database {self.name}: LTX file {header.min_txid}-{header.max_txid} "
-                    f"(pre-apply {header.pre_apply_checksum:016x}) does not follow {self.position}"
+                    f"does not follow {self.position}"
                 )
-            with open(path, "rb") as f:
-                ltx.apply_file(f, self.fd, checksums=self._checksums, dry_run=True)
             final = self.ltx_dir / ltx.format_filename(header.min_txid, header.max_txid)
             os.rename(path, final)
             if header.is_snapshot:
@@ -629,14 +622,16 @@ class Database:
                     if old != final:
                         old.unlink(missing_ok=True)
             self.applying_path.write_text(final.name)
-            with write_lock, open(final, "rb") as f:
+            with write_lock:
                 self._discard_unfinished_transaction()
-                ltx.apply_file(f, self.fd, checksums=self._checksums, sync=False)
+                ltx.write_pages(f, self.fd, checked, sync=False)
             self.applying_path.unlink()
+            assert checked.checksums is not None
+            self._checksums = checked.checksums
             self._xor = ltx.checksum_of(self._checksums)
             self.page_size = self._write_page_size = header.page_size
             self.content = Content.SQLITE if header.commit else Content.EMPTY
-            self.position = Position(header.max_txid, trailer.post_apply_checksum)
+            self.position = Position(header.max_txid, checked.trailer.post_apply_checksum)
             return self.position
 
     def _discard_unfinished_transaction(self) -> None:

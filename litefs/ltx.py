@@ -1053,24 +1053,25 @@ def _require_growth_pages(pgnos: array.array[int], old: int, commit: int, page_s
         )
 
 
-def apply_file(
-    ltx: BinaryIO,
-    db_fd: int,
-    *,
-    checksums: array.array[int] | None = None,
-    sync: bool = True,
-    dry_run: bool = False,
-) -> tuple[Header, Trailer]:
-    """Bring a database forward by one file, or refuse and leave it untouched.
+@dataclass(frozen=True, slots=True)
+class CheckedApply:
+    """A file that `check_apply` found fit to apply, and the page-checksum
+    array the database will have once it is written."""
+
+    header: Header
+    trailer: Trailer
+    checksums: array.array[int] | None
+
+
+def check_apply(
+    ltx: BinaryIO, db_fd: int, *, checksums: array.array[int] | None = None
+) -> CheckedApply:
+    """Make every check `apply_file` makes, in one pass, and write nothing.
 
     The file is verified in full, the database's checksum is compared with the
     file's pre-apply checksum, and the resulting checksum is predicted and
-    compared with the trailer, all before the first write. `checksums`, when
-    given, is the database's current page-checksum array, trusted instead of
-    reading the database, and is updated in place. The file must not change
-    between the checks and the writes (LTX files are written once and renamed).
-    `sync=False` leaves the database unsynced, for a replica that can always
-    fetch the file again. `dry_run=True` makes every check and writes nothing.
+    compared with the trailer. `checksums`, when given, is the database's
+    current page-checksum array, trusted instead of reading the database.
     """
     dec = Decoder(ltx)
     for _ in dec.frames():
@@ -1114,14 +1115,20 @@ def apply_file(
             predicted = checksum_of(state)
             if predicted != trailer.post_apply_checksum:
                 raise PostApplyChecksumMismatch(trailer.post_apply_checksum, predicted)
-    if dry_run:
-        return header, trailer
+    return CheckedApply(header, trailer, state)
 
+
+def write_pages(ltx: BinaryIO, db_fd: int, checked: CheckedApply, *, sync: bool = True) -> None:
+    """Write a checked file's pages and size into the database.
+
+    The file must be the one `check_apply` read, unchanged (LTX files are
+    written once and never modified).
+    """
+    ps = checked.header.page_size
     ltx.seek(0)
-    writer = Decoder(ltx)
     run = bytearray()
     run_start = 0
-    for pgno, data in writer.pages():
+    for pgno, data in Decoder(ltx).pages():
         if run and (pgno - 1) * ps != run_start + len(run):
             _pwrite_all(db_fd, run, run_start)
             run.clear()
@@ -1134,12 +1141,29 @@ def apply_file(
             run.clear()
     if run:
         _pwrite_all(db_fd, run, run_start)
-    os.ftruncate(db_fd, commit * ps)
+    os.ftruncate(db_fd, checked.header.commit * ps)
     if sync:
         os.fsync(db_fd)
-    if checksums is not None and state is not None:
-        checksums[:] = state
-    return header, trailer
+
+
+def apply_file(
+    ltx: BinaryIO,
+    db_fd: int,
+    *,
+    checksums: array.array[int] | None = None,
+    sync: bool = True,
+) -> tuple[Header, Trailer]:
+    """Bring a database forward by one file, or refuse and leave it untouched.
+
+    All of `check_apply`'s checks come before the first write. `checksums`,
+    when given, is updated in place. `sync=False` leaves the database
+    unsynced, for a replica that can always fetch the file again.
+    """
+    checked = check_apply(ltx, db_fd, checksums=checksums)
+    write_pages(ltx, db_fd, checked, sync=sync)
+    if checksums is not None and checked.checksums is not None:
+        checksums[:] = checked.checksums
+    return checked.header, checked.trailer
 
 
 def _pwrite_all(fd: int, data: bytearray, offset: int) -> None:

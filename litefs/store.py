@@ -281,14 +281,15 @@ class Store:
         may look again.
         """
         check_name(name)
-        with open(path, "rb") as f:
-            verified = ltx.verify(f)
         created = False
         with self._lock:
             if self.is_primary:
                 raise NotPermitted(f"refusing to apply {name}: this node is the primary")
             db = self._dbs.get(name)
-            if db is None:
+        if db is None:
+            with open(path, "rb") as f:  # nothing is created for a file that fails
+                verified = ltx.verify(f)
+            with self._lock:
                 if not verified[0].is_snapshot:
                     raise PositionMismatch(
                         f"database {name}: a new database must start with a snapshot, "
@@ -300,7 +301,7 @@ class Store:
                 created = True
         lock = self._sqlite_lock(name) if not created else None
         try:
-            position = db.apply_ltx(path, self._exclusive(name, lock), verified)
+            position = db.apply_ltx(path, self._exclusive(name, lock))
         finally:
             if created:
                 self.observer.database_created(name)

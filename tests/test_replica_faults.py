@@ -188,7 +188,7 @@ def test_file_that_does_not_follow_the_replica_is_not_applied(
             "replica", candidate=False, primary=SimpleNamespace(name=fake.name, url=fake.url)
         )
         deadline = time.monotonic() + 60
-        while "does not follow" not in replica.log() or fake.requests < 2:
+        while "pre-apply checksum mismatch" not in replica.log() or fake.requests < 2:
             assert time.monotonic() < deadline, replica.log()
             time.sleep(0.05)
         time.sleep(0.5)
