@@ -344,8 +344,6 @@ def test_malformed_request_is_refused_saying_what_is_wrong(body: bytes, message:
     assert message in str(refused.value)
 
 
-
-
 @pytest.mark.parametrize(
     "txid",
     [
