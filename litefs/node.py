@@ -36,6 +36,8 @@ log = logging.getLogger("litefs")
 
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+HANDOFF_GRACE = 5.0
+"""Seconds a node that is not a handoff's target leaves the lease to it."""
 RENEW_MARGIN = 1.0
 """Seconds before the lease's deadline at which a primary that could not
 renew stops accepting writes."""
@@ -203,6 +205,10 @@ class Services:
         self._stop: asyncio.Event | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
+        self._server: Server | None = None
+        self._resign: asyncio.Event | None = None
+        self._handoff_target: str | None = None
+        self._handoff_until = 0.0
 
     def start(self) -> None:
         """Start the thread and wait until the HTTP port is bound (or failed)."""
@@ -230,7 +236,10 @@ class Services:
         config = node.config
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        server = Server(node.store, node.name, node.metrics)
+        self._resign = asyncio.Event()
+        server = self._server = Server(node.store, node.name, node.metrics)
+        if not isinstance(node.leaser, StaticLeaser):
+            server.on_handoff = self.handoff
         try:
             await server.start(config.http.host, config.http.port)
         except OSError as exc:
@@ -264,8 +273,9 @@ class Services:
         while True:
             info: PrimaryInfo | None = None
             if leaser.candidate:
+                await self._respect_handoff()
                 try:
-                    lease = await leaser.acquire()
+                    lease = await self._acquire()
                 except PrimaryExists as exc:
                     info = exc.info
                 except LeaseError as exc:
@@ -290,6 +300,51 @@ class Services:
                 continue
             await self._follow(info)
 
+    # -- handoff ------------------------------------------------------------
+
+    async def handoff(self, target: str) -> None:
+        """Hand the primary role to `target`, a caught-up replica.
+
+        Writes stop here, every replica hears who takes over (so the others
+        do not compete for the lease), and the lease is released; the target
+        acquires it as soon as it is free.
+        """
+        log.info("handing the primary role off to %s", target)
+        self._note_handoff(target)
+        self.node.store.set_role(Role.REPLICA, None)
+        assert self._server is not None and self._resign is not None
+        await self._server.announce_handoff(target)
+        self._resign.set()
+
+    def _note_handoff(self, target: str) -> None:
+        self._handoff_target = target
+        self._handoff_until = time.monotonic() + HANDOFF_GRACE
+
+    async def _respect_handoff(self) -> None:
+        """During a handoff to another node, let it take the lease first."""
+        leaser = self.node.leaser
+        while time.monotonic() < self._handoff_until and self._handoff_target != self.node.name:
+            try:
+                current = await leaser.primary_info()
+            except LeaseError:
+                current = None
+            if current is not None and current.hostname == self._handoff_target:
+                return
+            await asyncio.sleep(0.05)
+
+    async def _acquire(self) -> Lease:
+        """Acquire the lease; the target of a handoff keeps trying briefly,
+        as the old primary may release it a moment after announcing."""
+        leaser = self.node.leaser
+        while True:
+            try:
+                return await leaser.acquire()
+            except PrimaryExists:
+                targeted = self._handoff_target == self.node.name
+                if not targeted or time.monotonic() >= self._handoff_until:
+                    raise
+                await asyncio.sleep(0.02)
+
     async def _lead(self, lease: Lease) -> None:
         """Be the primary while the lease lasts.
 
@@ -303,8 +358,16 @@ class Services:
         log.info("acquired the lease; this node is the primary")
         try:
             wait = lease.renew_interval
+            assert self._resign is not None
+            self._resign.clear()
+            self._handoff_target = None
+            self._handoff_until = 0.0
             while True:
-                await asyncio.sleep(wait)
+                try:
+                    await asyncio.wait_for(self._resign.wait(), wait)
+                    return
+                except TimeoutError:
+                    pass
                 remaining = lease.deadline - margin - time.monotonic()
                 if remaining <= 0:
                     log.error("the lease could not be renewed in time; stepping down")
@@ -323,15 +386,22 @@ class Services:
             await lease.release()
 
     async def _follow(self, info: PrimaryInfo) -> None:
+        """Replicate from `info` until the lease names another primary, or
+        until that primary hands its role to this node."""
         node = self.node
         node.store.set_role(Role.REPLICA, info)
-        client = ReplicaClient(node.store, node.name, node.metrics)
+        client = ReplicaClient(node.store, node.name, node.metrics, self._note_handoff)
         stream = asyncio.create_task(client.follow(info.advertise_url))
+        change = asyncio.create_task(self._primary_change(info))
         try:
-            async for current in node.leaser.watch():
-                if current != info:
-                    return
-            await stream
+            await asyncio.wait({stream, change}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stream.cancel()
-            await asyncio.gather(stream, return_exceptions=True)
+            for task in (stream, change):
+                task.cancel()
+            await asyncio.gather(stream, change, return_exceptions=True)
+
+    async def _primary_change(self, info: PrimaryInfo) -> None:
+        async for current in self.node.leaser.watch():
+            if current != info:
+                return
+        await asyncio.Event().wait()  # a static lease never changes

@@ -33,6 +33,56 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_config_flag(mount)
     mount.set_defaults(handler=run_mount)
 
+    handoff = commands.add_parser(
+        "handoff", help="hand the primary role to a caught-up replica (Consul and etcd leases)"
+    )
+    add_config_flag(handoff)
+    handoff.add_argument(
+        "-to", "--to", dest="to", required=True, metavar="NAME", help="the replica's lease hostname"
+    )
+    handoff.add_argument(
+        "-url",
+        "--url",
+        dest="url",
+        metavar="URL",
+        help="the primary's HTTP URL (default: this node's http.addr)",
+    )
+    handoff.set_defaults(handler=run_handoff)
+
+
+def run_handoff(args: argparse.Namespace) -> int:
+    """Ask the primary to hand its role over, and report what it answered."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    url = args.url
+    if url is None:
+        from litefs import config as configuration
+
+        try:
+            cfg = configuration.load(args.config)
+        except configuration.ConfigError as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from None
+        host = cfg.http.host or "127.0.0.1"
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{cfg.http.port}"
+    target = f"{url.rstrip('/')}/handoff?{urllib.parse.urlencode({'to': args.to})}"
+    request = urllib.request.Request(target, method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.load(response)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc).get("error", exc.reason)
+        except ValueError:
+            message = exc.reason
+        raise CommandError(f"handoff refused ({exc.code}): {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CommandError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
+    print(f"primary role handed off to {answer.get('primary', args.to)}")
+    return 0
+
 
 def run_mount(args: argparse.Namespace) -> int:
     from litefs import config as configuration

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -36,11 +37,22 @@ class ReplicationError(Exception):
     """This connection to the primary cannot go on."""
 
 
+class HandoffToUs(Exception):
+    """The primary is handing its role to this node."""
+
+
 class ReplicaClient:
-    def __init__(self, store: Store, hostname: str, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        store: Store,
+        hostname: str,
+        metrics: Metrics,
+        on_handoff: Callable[[str], None] | None = None,
+    ) -> None:
         self.store = store
         self.hostname = hostname
         self.metrics = metrics
+        self.on_handoff = on_handoff
         self.ready = asyncio.Event()
 
     async def follow(self, url: str) -> None:
@@ -95,6 +107,13 @@ class ReplicaClient:
                     await asyncio.get_running_loop().run_in_executor(
                         None, self.store.drop_database, name
                     )
+                elif frame.type is FrameType.HANDOFF:
+                    target = frame.text
+                    log.info("primary at %s is handing off to %s", url, target)
+                    if self.on_handoff is not None:
+                        self.on_handoff(target)
+                    if target == self.hostname:
+                        raise HandoffToUs(target)
                 elif frame.type is FrameType.END:
                     log.info("primary ended the stream: %s", frame.text)
                     return

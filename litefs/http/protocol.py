@@ -43,6 +43,7 @@ class FrameType(Enum):
     HEARTBEAT = b"H"
     DROP = b"D"
     END = b"E"
+    HANDOFF = b"O"
 
 
 class ProtocolError(Exception):

@@ -28,6 +28,7 @@ log = logging.getLogger("litefs.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SMALL_FILE = 1 << 20
+HANDOFF_CATCH_UP = 5.0
 
 
 def json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -61,12 +62,15 @@ class Server:
         self.hostname = hostname
         self.metrics = metrics
         self.replicas: dict[int, str] = {}
+        self.sessions: dict[int, StreamSession] = {}
+        self.on_handoff: Callable[[str], Awaitable[None]] | None = None
         self.app = web.Application(
             middlewares=[errors_as_json], client_max_size=protocol.MAX_REQUEST
         )
         self.app.router.add_post(protocol.STREAM_PATH, self.stream)
         self.app.router.add_get("/info", self.info)
         self.app.router.add_get("/metrics", self.render_metrics)
+        self.app.router.add_post("/handoff", self.handoff)
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -112,6 +116,40 @@ class Server:
     async def render_metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain")
 
+    # -- handoff --------------------------------------------------------------
+
+    async def handoff(self, request: web.Request) -> web.Response:
+        """Hand the primary role to a connected, caught-up replica."""
+        target = request.query.get("to", "")
+        if not target or set(request.query) - {"to"}:
+            return json_error(400, "handoff takes one parameter: to=<replica name>")
+        if not self.store.is_primary:
+            return json_error(409, "this node is not the primary")
+        if self.on_handoff is None:
+            return json_error(409, "this lease cannot be handed off")
+        session = self.session_of(target)
+        if session is None:
+            names = ", ".join(sorted(self.replicas.values())) or "none"
+            return json_error(404, f"no replica named {target!r} is connected (connected: {names})")
+        try:
+            await asyncio.wait_for(session.caught_up(), HANDOFF_CATCH_UP)
+        except TimeoutError:
+            return json_error(409, f"replica {target!r} did not catch up in {HANDOFF_CATCH_UP:g}s")
+        await self.on_handoff(target)
+        return web.json_response({"primary": target})
+
+    def session_of(self, name: str) -> StreamSession | None:
+        for key, replica in self.replicas.items():
+            if replica == name and key in self.sessions:
+                return self.sessions[key]
+        return None
+
+    async def announce_handoff(self, target: str) -> None:
+        """Tell every replica which node is about to take over."""
+        for session in list(self.sessions.values()):
+            with contextlib.suppress(ConnectionError):
+                await session.response.write(protocol.frame(FrameType.HANDOFF, target.encode()))
+
     # -- the stream ---------------------------------------------------------
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
@@ -133,6 +171,7 @@ class Server:
         session = StreamSession(self.store, response, positions, self.metrics)
         key = id(session)
         self.replicas[key] = replica or str(request.remote)
+        self.sessions[key] = session
         self.metrics.connected_replicas.set(len(self.replicas))
         log.info("replica %s connected", self.replicas[key])
         try:
@@ -148,6 +187,7 @@ class Server:
                 await response.write(protocol.frame(FrameType.END, str(exc).encode()[:1024]))
         finally:
             del self.replicas[key]
+            del self.sessions[key]
             self.metrics.connected_replicas.set(len(self.replicas))
         return response
 
@@ -170,6 +210,13 @@ class StreamSession:
         self._wake = asyncio.Event()
         self._wake.set()
         self._loop = asyncio.get_running_loop()
+
+    async def caught_up(self) -> None:
+        """Return once the replica has every transaction this node has."""
+        while any(
+            self.sent.get(name) != position for name, position in self.store.positions().items()
+        ):
+            await asyncio.sleep(0.01)
 
     def _changed(self, name: str) -> None:
         """Store listener: runs in whichever thread committed."""

@@ -1,0 +1,125 @@
+"""Handing the primary role to a chosen replica, without a gap in writes."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+from conftest import StartNode
+from etcd_server import EtcdServer
+from etcd_server import etcd_server as etcd_server
+from node_process import NodeProcess
+
+pytestmark = pytest.mark.fuse
+
+SETTLE = 30.0
+
+
+def etcd_settings(etcd: EtcdServer) -> dict[str, Any]:
+    return {"lease": {"type": "etcd", "etcd": {"endpoints": [etcd.url], "ttl": "2s"}}}
+
+
+def role(node: NodeProcess) -> str | None:
+    try:
+        with urllib.request.urlopen(f"{node.url}/info", timeout=1) as response:
+            return str(json.load(response)["role"])
+    except OSError:
+        return None
+
+
+def wait_for(condition: Any, timeout: float = SETTLE) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def writable(node: NodeProcess) -> bool:
+    try:
+        conn = sqlite3.connect(node.mount_dir / "my.db", timeout=0.2, isolation_level=None)
+        try:
+            conn.execute("INSERT INTO t VALUES (?)", (time.time(),))
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
+    return True
+
+
+def test_handoff_moves_the_primary_role_to_the_named_replica(
+    start_node: StartNode, etcd_server: EtcdServer
+) -> None:
+    nodes = [start_node(name, settings=etcd_settings(etcd_server)) for name in ("a", "b", "c")]
+    wait_for(lambda: sorted(role(n) or "" for n in nodes) == ["primary", "replica", "replica"])
+    primary = next(n for n in nodes if role(n) == "primary")
+    target = next(n for n in nodes if n is not primary)
+    primary.sqlite("my.db", "CREATE TABLE t (x);")
+    wait_for(lambda: (target.mount_dir / "my.db-pos").exists())
+
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "litefs",
+            "handoff",
+            "-config",
+            str(primary.config_path),
+            "-to",
+            target.name,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: writable(target), timeout=5)
+    gap = time.monotonic() - started
+    assert gap < 1.0, f"no node took writes for {gap:.2f}s"
+
+    assert role(target) == "primary"
+    assert not writable(primary)
+    wait_for(lambda: role(primary) == "replica")
+    target.sqlite("my.db", "INSERT INTO t VALUES ('after');")
+    wait_for(
+        lambda: all(
+            (n.mount_dir / "my.db-pos").read_text() == (target.mount_dir / "my.db-pos").read_text()
+            for n in nodes
+        )
+    )
+
+
+def test_handoff_to_an_unknown_replica_is_refused(
+    start_node: StartNode, etcd_server: EtcdServer
+) -> None:
+    nodes = [start_node(name, settings=etcd_settings(etcd_server)) for name in ("a", "b")]
+    wait_for(lambda: sorted(role(n) or "" for n in nodes) == ["primary", "replica"])
+    primary = next(n for n in nodes if role(n) == "primary")
+    result = subprocess.run(
+        [sys.executable, "-m", "litefs", "handoff", "-url", primary.url, "-to", "nobody"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "no replica named 'nobody'" in result.stderr
+    assert role(primary) == "primary"
+
+
+def test_static_lease_cannot_be_handed_off(start_node: StartNode) -> None:
+    primary = start_node("primary")
+    start_node("replica", candidate=False, primary=primary)
+    result = subprocess.run(
+        [sys.executable, "-m", "litefs", "handoff", "-url", primary.url, "-to", "replica"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "cannot be handed off" in result.stderr
