@@ -534,11 +534,17 @@ class Database:
         """
         with self.lock:
             current = self.position
-            files = self.ltx_files()
         if position.txid == current.txid:
             return [] if position.checksum == current.checksum else None
         if position.txid > current.txid:
             return None
+        if position.txid > 0:
+            quick = self._single_transaction_files(position, current.txid)
+            if quick is not None:
+                return quick
+        with self.lock:
+            current = self.position
+            files = self.ltx_files()
         chain: list[Path] = []
         rest = files
         expected = position.txid + 1
@@ -558,6 +564,17 @@ class Database:
             chain.append(path)
             expected = max_txid + 1
         return chain if expected == current.txid + 1 else None
+
+    def _single_transaction_files(self, position: Position, last: int) -> list[Path] | None:
+        """The common case without listing the directory (which may hold
+        thousands of files): one file per transaction, named by its TXID."""
+        chain = [
+            self.ltx_dir / ltx.format_filename(txid, txid)
+            for txid in range(position.txid + 1, last + 1)
+        ]
+        if len(chain) > 64 or not all(path.exists() for path in chain):
+            return None
+        return chain if self._continues(chain[0], position.checksum) else None
 
     @staticmethod
     def _continues(path: Path, checksum: int) -> bool:
