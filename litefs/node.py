@@ -36,6 +36,9 @@ log = logging.getLogger("litefs")
 
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+HANDOVER_DRAIN = 2.0
+"""Seconds a primary that steps down waits for its streams to deliver what it
+committed before it releases the lease, and a replica waits for them."""
 HANDOFF_GRACE = 5.0
 """Seconds a node that is not a handoff's target leaves the lease to it."""
 RENEW_MARGIN = 1.0
@@ -313,7 +316,7 @@ class Services:
         self._note_handoff(target)
         self.node.store.set_role(Role.REPLICA, None)
         assert self._server is not None and self._resign is not None
-        await self._server.announce_handoff(target)
+        self._server.announce_handoff(target)
         self._resign.set()
 
     def _note_handoff(self, target: str) -> None:
@@ -348,23 +351,31 @@ class Services:
     async def _lead(self, lease: Lease) -> None:
         """Be the primary while the lease lasts.
 
-        Writes stop a margin before the lease's deadline unless a renewal has
-        succeeded by then, however long the backend takes to answer: after
-        the deadline another node may hold the lease.
+        Commits stop a margin before the lease's deadline unless a renewal
+        has succeeded by then, however long the backend takes to answer and
+        even if this loop runs late (the store checks the deadline on every
+        commit): after the deadline another node may hold the lease. On the
+        way out the replicas are sent everything committed before the lease
+        is released, so none of it is lost to the next primary.
         """
         node = self.node
+        store = node.store
         margin = min(RENEW_MARGIN, lease.ttl / 4)
-        node.store.set_role(Role.PRIMARY, None)
+        assert self._resign is not None
+        self._resign.clear()
+        self._handoff_target = None
+        self._handoff_until = 0.0
+        store.set_role(Role.PRIMARY, None)
+        store.commit_deadline = lease.deadline - margin
         log.info("acquired the lease; this node is the primary")
         try:
             wait = lease.renew_interval
-            assert self._resign is not None
-            self._resign.clear()
-            self._handoff_target = None
-            self._handoff_until = 0.0
             while True:
+                stop_at = lease.deadline - margin
                 try:
-                    await asyncio.wait_for(self._resign.wait(), wait)
+                    await asyncio.wait_for(
+                        self._resign.wait(), max(0.0, min(wait, stop_at - time.monotonic()))
+                    )
                     return
                 except TimeoutError:
                     pass
@@ -374,15 +385,19 @@ class Services:
                     return
                 try:
                     await asyncio.wait_for(lease.renew(), remaining)
-                    wait = lease.renew_interval
                 except LeaseLost as exc:
                     log.error("lost the lease: %s; stepping down", exc)
                     return
                 except (LeaseError, TimeoutError) as exc:
                     log.warning("lease renewal failed: %s; retrying", exc or "timed out")
                     wait = min(lease.renew_interval, 0.5)
+                    continue
+                store.commit_deadline = lease.deadline - margin
+                wait = lease.renew_interval
         finally:
-            node.store.set_role(Role.REPLICA, None)
+            store.set_role(Role.REPLICA, None)
+            if self._server is not None:
+                await self._server.drain(HANDOVER_DRAIN)
             await lease.release()
 
     async def _follow(self, info: PrimaryInfo) -> None:
@@ -395,10 +410,15 @@ class Services:
         change = asyncio.create_task(self._primary_change(info))
         try:
             await asyncio.wait({stream, change}, return_when=asyncio.FIRST_COMPLETED)
+            if not stream.done():
+                # The lease moved: the old primary has sent (or is sending)
+                # its last transactions and END; take them before competing.
+                await asyncio.wait({stream}, timeout=HANDOVER_DRAIN)
         finally:
             for task in (stream, change):
                 task.cancel()
             await asyncio.gather(stream, change, return_exceptions=True)
+            await client.drain()
 
     async def _primary_change(self, info: PrimaryInfo) -> None:
         async for current in self.node.leaser.watch():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import threading
@@ -101,6 +102,9 @@ class Store:
         self._dbs: dict[str, Database] = {}
         self._lock = threading.RLock()
         self._listeners: list[Listener] = []
+        self.commit_deadline = math.inf
+        """Monotonic time after which the lease may have passed to another
+        node: a commit after it is refused even if the lease loop is late."""
         self.on_commit: Listener | None = None
         """Called with a database's name after each transaction it captured."""
 
@@ -154,6 +158,8 @@ class Store:
         with self._lock:
             self.role = role
             self.primary = primary
+            if role is Role.PRIMARY:
+                self.commit_deadline = math.inf
             for db in self._dbs.values():
                 with db.lock:  # a commit under way finishes first
                     db.writable = role is Role.PRIMARY
@@ -231,6 +237,9 @@ class Store:
 
     def commit(self, db: Database) -> Position | None:
         """Capture the transaction that just ended on `db`; see `Database.commit`."""
+        if self.is_primary and time.monotonic() >= self.commit_deadline:
+            log.error("the lease may have passed to another node; refusing writes")
+            self.set_role(Role.REPLICA, None)
         position = db.commit()
         if position is not None:
             if self.on_commit is not None:

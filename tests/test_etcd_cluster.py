@@ -514,11 +514,6 @@ def test_writer_through_repeated_failovers_loses_no_acknowledged_transaction(
         assert [int(x) for x in rows(node)] == committed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="litefs/http/server.py StreamSession.run ends the stream as soon as the node "
-    "is no longer primary, dropping transactions committed while it stepped down",
-)
 def test_transaction_committing_as_the_primary_stops_cleanly_reaches_the_new_primary(
     cluster: Cluster,
 ) -> None:
@@ -641,11 +636,6 @@ def etcd_proxy(etcd_server: EtcdServer) -> Iterator[EtcdProxy]:
         proxy.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="litefs/node.py Services._lead keeps the primary role for up to a renewal "
-    "interval after a renewal that ended past the lease's deadline",
-)
 def test_primary_frozen_while_renewing_its_lease_refuses_writes_on_resuming(
     etcd_server: EtcdServer, etcd_proxy: EtcdProxy, start_node: StartNode
 ) -> None:

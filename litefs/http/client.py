@@ -41,6 +41,10 @@ class HandoffToUs(Exception):
     """The primary is handing its role to this node."""
 
 
+class StreamEnded(Exception):
+    """The primary said END: it has sent all it committed and is primary no more."""
+
+
 class ReplicaClient:
     def __init__(
         self,
@@ -54,9 +58,18 @@ class ReplicaClient:
         self.metrics = metrics
         self.on_handoff = on_handoff
         self.ready = asyncio.Event()
+        self._applying: asyncio.Future[object] | None = None
+
+    async def drain(self) -> None:
+        """Wait for a file being applied in a worker thread, even after this
+        client was cancelled: nothing may write the database once it returns."""
+        if self._applying is not None:
+            await asyncio.gather(self._applying, return_exceptions=True)
 
     async def follow(self, url: str) -> None:
-        """Stream from the primary at `url` until cancelled, reconnecting with backoff."""
+        """Stream from the primary at `url`, reconnecting with backoff, until
+        it says END (it is primary no more) or hands its role to this node
+        (`HandoffToUs`)."""
         backoff = MIN_BACKOFF
         timeout = aiohttp.ClientTimeout(
             total=None, connect=CONNECT_TIMEOUT, sock_read=protocol.READ_TIMEOUT
@@ -66,7 +79,9 @@ class ReplicaClient:
                 started = time.monotonic()
                 try:
                     await self._stream(session, url)
-                    reason = "the primary ended the stream"
+                    reason = "the primary closed the stream"
+                except StreamEnded:
+                    return
                 except (asyncio.IncompleteReadError, aiohttp.ClientPayloadError):
                     reason = f"the stream from {url} ended in the middle of a frame"
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -116,16 +131,17 @@ class ReplicaClient:
                         raise HandoffToUs(target)
                 elif frame.type is FrameType.END:
                     log.info("primary ended the stream: %s", frame.text)
-                    return
+                    raise StreamEnded(frame.text)
 
     async def _receive(self, reader: protocol.Reader, name: str) -> None:
         path = self.store.incoming_path()
         try:
             size, header = await _receive_file(reader, path)
             try:
-                await asyncio.get_running_loop().run_in_executor(
+                self._applying = asyncio.get_running_loop().run_in_executor(
                     None, self.store.apply_ltx, name, path
                 )
+                await asyncio.shield(self._applying)
             except ltx.LTXError as exc:
                 raise ReplicationError(f"rejected LTX file for {name}: {exc}") from None
             except DatabaseError as exc:

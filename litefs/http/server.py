@@ -144,11 +144,17 @@ class Server:
                 return self.sessions[key]
         return None
 
-    async def announce_handoff(self, target: str) -> None:
+    def announce_handoff(self, target: str) -> None:
         """Tell every replica which node is about to take over."""
         for session in list(self.sessions.values()):
-            with contextlib.suppress(ConnectionError):
-                await session.response.write(protocol.frame(FrameType.HANDOFF, target.encode()))
+            session.announce_handoff(target)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (a while) for every stream to end once this node stopped being
+        the primary: each sends its replica what was committed, then END."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.sessions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.005)
 
     # -- the stream ---------------------------------------------------------
 
@@ -209,6 +215,7 @@ class StreamSession:
         self._pending: set[str] = set(positions) | {db.name for db in store.databases()}
         self._wake = asyncio.Event()
         self._wake.set()
+        self.handoff_target: str | None = None
         self._loop = asyncio.get_running_loop()
 
     async def caught_up(self) -> None:
@@ -227,31 +234,45 @@ class StreamSession:
         self._wake.set()
 
     async def run(self) -> None:
+        """Catch up, say READY, follow commits; when this node stops being
+        the primary, send what it committed first, then HANDOFF (if it is
+        handing off), then END."""
         self.store.add_listener(self._changed)
         try:
             ready = False
-            while True:
+            while self.store.is_primary:
                 try:
                     await asyncio.wait_for(self._wake.wait(), protocol.HEARTBEAT_INTERVAL)
                 except TimeoutError:
-                    if not self.store.is_primary:
-                        break
-                    await self.response.write(protocol.frame(FrameType.HEARTBEAT))
+                    if self.store.is_primary:
+                        await self.response.write(protocol.frame(FrameType.HEARTBEAT))
                     continue
                 self._wake.clear()
-                if not self.store.is_primary:
-                    break
-                names, self._pending = sorted(self._pending), set()
-                for name in names:
-                    await self._send_database(name)
+                await self._send_pending()
                 if not ready:
                     await self.response.write(protocol.frame(FrameType.READY))
                     ready = True
+            self._pending.update(db.name for db in self.store.databases())
+            await self._send_pending()
+            if self.handoff_target is not None:
+                await self.response.write(
+                    protocol.frame(FrameType.HANDOFF, self.handoff_target.encode())
+                )
             await self.response.write(
                 protocol.frame(FrameType.END, b"this node is no longer the primary")
             )
         finally:
             self.store.remove_listener(self._changed)
+
+    async def _send_pending(self) -> None:
+        names, self._pending = sorted(self._pending), set()
+        for name in names:
+            await self._send_database(name)
+
+    def announce_handoff(self, target: str) -> None:
+        """Name the node taking over; sent after the last transaction, before END."""
+        self.handoff_target = target
+        self._wake.set()
 
     async def _send_database(self, name: str) -> None:
         db = self.store.database(name)
