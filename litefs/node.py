@@ -36,9 +36,12 @@ log = logging.getLogger("litefs")
 
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
-HANDOVER_DRAIN = 2.0
+HANDOVER_DRAIN = 10.0
 """Seconds a primary that steps down waits for its streams to deliver what it
 committed before it releases the lease, and a replica waits for them."""
+DRAIN_IDLE = 0.3
+"""Seconds of silence after which a stream whose primary lost the lease is
+taken to have nothing more to send."""
 HANDOFF_GRACE = 5.0
 """Seconds a node that is not a handoff's target leaves the lease to it."""
 RENEW_MARGIN = 1.0
@@ -411,14 +414,22 @@ class Services:
         try:
             await asyncio.wait({stream, change}, return_when=asyncio.FIRST_COMPLETED)
             if not stream.done():
-                # The lease moved: the old primary has sent (or is sending)
-                # its last transactions and END; take them before competing.
-                await asyncio.wait({stream}, timeout=HANDOVER_DRAIN)
+                await self._drain_stream(client, stream)
         finally:
             for task in (stream, change):
                 task.cancel()
             await asyncio.gather(stream, change, return_exceptions=True)
             await client.drain()
+
+    async def _drain_stream(self, client: ReplicaClient, stream: asyncio.Task[None]) -> None:
+        """The lease moved. A primary that stepped down cleanly has already
+        sent its last transactions and END: take them before competing. A
+        dead one sends nothing more, and is not waited for."""
+        deadline = time.monotonic() + HANDOVER_DRAIN
+        while not stream.done() and client.connected and time.monotonic() < deadline:
+            if not client.applying and time.monotonic() - client.last_frame > DRAIN_IDLE:
+                return
+            await asyncio.wait({stream}, timeout=0.01)
 
     async def _primary_change(self, info: PrimaryInfo) -> None:
         async for current in self.node.leaser.watch():

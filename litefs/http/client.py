@@ -59,6 +59,13 @@ class ReplicaClient:
         self.on_handoff = on_handoff
         self.ready = asyncio.Event()
         self._applying: asyncio.Future[object] | None = None
+        self.connected = False
+        self.last_frame = 0.0
+        """Monotonic time the last frame arrived (or a file finished applying)."""
+
+    @property
+    def applying(self) -> bool:
+        return self._applying is not None and not self._applying.done()
 
     async def drain(self) -> None:
         """Wait for a file being applied in a worker thread, even after this
@@ -109,39 +116,64 @@ class ReplicaClient:
                 raise ReplicationError(f"{url} answered with {response.content_type}, not a stream")
             log.info("connected to primary at %s", url)
             reader = response.content
-            while True:
-                frame = await protocol.read_frame(reader)
-                if frame.type is FrameType.LTX:
-                    await self._receive(reader, protocol.database_name(frame))
-                elif frame.type is FrameType.READY:
-                    if not self.ready.is_set():
-                        log.info("caught up with primary at %s", url)
-                    self.ready.set()
-                elif frame.type is FrameType.DROP:
-                    name = protocol.database_name(frame)
-                    await asyncio.get_running_loop().run_in_executor(
-                        None, self.store.drop_database, name
-                    )
-                elif frame.type is FrameType.HANDOFF:
-                    target = frame.text
-                    log.info("primary at %s is handing off to %s", url, target)
-                    if self.on_handoff is not None:
-                        self.on_handoff(target)
-                    if target == self.hostname:
-                        raise HandoffToUs(target)
-                elif frame.type is FrameType.END:
-                    log.info("primary ended the stream: %s", frame.text)
-                    raise StreamEnded(frame.text)
+            self.connected = True
+            try:
+                await self._read_frames(reader, url)
+            finally:
+                self.connected = False
+
+    async def _read_frames(self, reader: aiohttp.StreamReader, url: str) -> None:
+        while True:
+            frame = await protocol.read_frame(reader)
+            self.last_frame = time.monotonic()
+            if frame.type is FrameType.LTX:
+                await self._receive(reader, protocol.database_name(frame))
+            elif frame.type is FrameType.READY:
+                if not self.ready.is_set():
+                    log.info("caught up with primary at %s", url)
+                self.ready.set()
+            elif frame.type is FrameType.DROP:
+                name = protocol.database_name(frame)
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self.store.drop_database, name
+                )
+            elif frame.type is FrameType.HANDOFF:
+                target = frame.text
+                log.info("primary at %s is handing off to %s", url, target)
+                if self.on_handoff is not None:
+                    self.on_handoff(target)
+                if target == self.hostname:
+                    raise HandoffToUs(target)
+            elif frame.type is FrameType.END:
+                log.info("primary ended the stream: %s", frame.text)
+                raise StreamEnded(frame.text)
+
+    async def _receive_file(self, reader: protocol.Reader, path: Path) -> tuple[int, ltx.Header]:
+        size = 0
+        first = b""
+        with open(path, "wb") as out:
+            while chunk := await protocol.read_chunk(reader):
+                self.last_frame = time.monotonic()
+                if len(first) < ltx.HEADER_SIZE:
+                    first += chunk[: ltx.HEADER_SIZE - len(first)]
+                out.write(chunk)
+                size += len(chunk)
+        try:
+            header = ltx.Header.unpack(first)
+        except ltx.LTXError as exc:
+            raise ReplicationError(f"received LTX file has a bad header: {exc}") from None
+        return size, header
 
     async def _receive(self, reader: protocol.Reader, name: str) -> None:
         path = self.store.incoming_path()
         try:
-            size, header = await _receive_file(reader, path)
+            size, header = await self._receive_file(reader, path)
             try:
                 self._applying = asyncio.get_running_loop().run_in_executor(
                     None, self.store.apply_ltx, name, path
                 )
                 await asyncio.shield(self._applying)
+                self.last_frame = time.monotonic()
             except ltx.LTXError as exc:
                 raise ReplicationError(f"rejected LTX file for {name}: {exc}") from None
             except DatabaseError as exc:
@@ -152,22 +184,6 @@ class ReplicaClient:
         if header.is_snapshot:
             self.metrics.snapshots.inc()
         self.metrics.applied(name, header.timestamp)
-
-
-async def _receive_file(reader: protocol.Reader, path: Path) -> tuple[int, ltx.Header]:
-    size = 0
-    first = b""
-    with open(path, "wb") as out:
-        while chunk := await protocol.read_chunk(reader):
-            if len(first) < ltx.HEADER_SIZE:
-                first += chunk[: ltx.HEADER_SIZE - len(first)]
-            out.write(chunk)
-            size += len(chunk)
-    try:
-        header = ltx.Header.unpack(first)
-    except ltx.LTXError as exc:
-        raise ReplicationError(f"received LTX file has a bad header: {exc}") from None
-    return size, header
 
 
 def _describe(exc: BaseException) -> str:
