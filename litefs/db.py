@@ -632,6 +632,8 @@ class Database:
                     f"database {self.name}: LTX file {header.min_txid}-{header.max_txid} "
                     f"does not follow {self.position}"
                 )
+            if header.is_snapshot and self.position.txid:
+                self._log_reseed(header.max_txid, checked.trailer.post_apply_checksum)
             final = self.ltx_dir / ltx.format_filename(header.min_txid, header.max_txid)
             os.rename(path, final)
             if header.is_snapshot:
@@ -650,6 +652,26 @@ class Database:
             self.content = Content.SQLITE if header.commit else Content.EMPTY
             self.position = Position(header.max_txid, checked.trailer.post_apply_checksum)
             return self.position
+
+    def _log_reseed(self, txid: int, checksum: int) -> None:
+        """Say what a snapshot replaces: a node that was primary may hold
+        transactions the new primary never received."""
+        local = self.position
+        if local == Position(txid, checksum):
+            return
+        if local.txid > txid:
+            discarded = f"{local.txid - txid} local transactions after TXID {txid} are discarded"
+        elif local.txid == txid:
+            discarded = f"the local transaction {txid} differs from the primary's and is discarded"
+        else:
+            discarded = "local history differs from the primary's and is replaced"
+        log.warning(
+            "database %s: re-seeded from a snapshot at TXID %d; was at %s: %s",
+            self.name,
+            txid,
+            local,
+            discarded,
+        )
 
     def _discard_unfinished_transaction(self) -> None:
         """Roll back what a transaction left when its node stopped being the

@@ -161,6 +161,9 @@ def test_diverged_replica_is_reseeded(start_node: StartNode, tmp_path: Path) -> 
         assert_identical(primary, replica, "my.db")
         rows = replica.sqlite("my.db", "SELECT x FROM t ORDER BY rowid;").stdout.split()
         assert rows == ["shared", "real"]
+        assert (
+            "the local transaction 3 differs from the primary's and is discarded" in replica.log()
+        )
     finally:
         replica.cleanup()
 
@@ -182,6 +185,7 @@ def test_replica_ahead_of_the_primary_is_reseeded(start_node: StartNode, tmp_pat
     try:
         assert_identical(primary, replica, "my.db")
         assert replica.sqlite("my.db", "SELECT count(*) FROM t;").stdout.strip() == "0"
+        assert "3 local transactions after TXID 1 are discarded" in replica.log()
     finally:
         replica.cleanup()
 
