@@ -36,7 +36,7 @@ def print_rows(module: str, rows: list[Row]) -> bool:
             target = f"{'<=' if maximum else '>='} {bound:g} {unit}"
             verdict = "ok" if ok else "MISSED"
             met = met and ok
-        print(f"{name:<36} {value:>11.1f} {unit:<4}   {target:<16} {verdict}".rstrip())
+        print(f"{name:<36} {value:>11.2f} {unit:<4}   {target:<16} {verdict}".rstrip())
     return met
 
 
