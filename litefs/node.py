@@ -24,7 +24,7 @@ from litefs.cli import CommandError
 from litefs.config import Config, LeaseConfig
 from litefs.db import DatabaseError
 from litefs.fuse import FileSystem
-from litefs.http.client import ReplicaClient
+from litefs.http.client import HandoffToUs, ReplicaClient
 from litefs.http.metrics import Metrics
 from litefs.http.server import Server
 from litefs.lease import Lease, LeaseError, LeaseLost, Leaser, PrimaryExists, PrimaryInfo
@@ -42,6 +42,8 @@ committed before it releases the lease, and a replica waits for them."""
 DRAIN_IDLE = 0.3
 """Seconds of silence after which a stream whose primary lost the lease is
 taken to have nothing more to send."""
+END_TO_RELEASE = 1.0
+"""Seconds a replica that received END waits for the lease to change hands."""
 HANDOFF_GRACE = 5.0
 """Seconds a node that is not a handoff's target leaves the lease to it."""
 RENEW_MARGIN = 1.0
@@ -276,6 +278,7 @@ class Services:
         node = self.node
         leaser = node.leaser
         backoff = 0.1
+        idle = 0.05
         while True:
             info: PrimaryInfo | None = None
             if leaser.candidate:
@@ -302,8 +305,11 @@ class Services:
                     backoff = min(backoff * 2, 5.0)
                     continue
             if info is None:
-                await asyncio.sleep(1.0)
+                # Nobody holds the lease, or it is in its lock-delay: try again soon.
+                await asyncio.sleep(idle)
+                idle = min(idle * 2, 1.0)
                 continue
+            idle = 0.05
             await self._follow(info)
 
     # -- handoff ------------------------------------------------------------
@@ -415,6 +421,10 @@ class Services:
             await asyncio.wait({stream, change}, return_when=asyncio.FIRST_COMPLETED)
             if not stream.done():
                 await self._drain_stream(client, stream)
+            elif not change.done() and not _handed_to_us(stream):
+                # END came first: the old primary releases the lease a moment
+                # later; competing before that would only find it still held.
+                await asyncio.wait({change}, timeout=END_TO_RELEASE)
         finally:
             for task in (stream, change):
                 task.cancel()
@@ -436,3 +446,7 @@ class Services:
             if current != info:
                 return
         await asyncio.Event().wait()  # a static lease never changes
+
+
+def _handed_to_us(stream: asyncio.Task[None]) -> bool:
+    return not stream.cancelled() and isinstance(stream.exception(), HandoffToUs)
