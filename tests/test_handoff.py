@@ -8,10 +8,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import StartNode
+from consul_process import consul_for_test, unique_key
 from etcd_server import EtcdServer
 from etcd_server import etcd_server as etcd_server
 from node_process import NodeProcess
@@ -52,11 +54,28 @@ def writable(node: NodeProcess) -> bool:
     return True
 
 
+def consul_settings(url: str, key: str) -> dict[str, Any]:
+    return {"lease": {"type": "consul", "consul": {"url": url, "key": key, "ttl": "10s"}}}
+
+
 def test_handoff_moves_the_primary_role_to_the_named_replica(
     start_node: StartNode, etcd_server: EtcdServer
 ) -> None:
     nodes = [start_node(name, settings=etcd_settings(etcd_server)) for name in ("a", "b", "c")]
-    wait_for(lambda: sorted(role(n) or "" for n in nodes) == ["primary", "replica", "replica"])
+    assert_handoff_works(nodes)
+
+
+def test_handoff_works_with_a_consul_lease(start_node: StartNode, tmp_path: Path) -> None:
+    with consul_for_test(tmp_path / "consul.log") as consul:
+        key = unique_key()
+        nodes = [start_node(name, settings=consul_settings(consul.url, key)) for name in ("a", "b")]
+        assert_handoff_works(nodes)
+
+
+def assert_handoff_works(nodes: list[NodeProcess]) -> None:
+    wait_for(
+        lambda: sorted(role(n) or "" for n in nodes) == ["primary"] + ["replica"] * (len(nodes) - 1)
+    )
     primary = next(n for n in nodes if role(n) == "primary")
     target = next(n for n in nodes if n is not primary)
     primary.sqlite("my.db", "CREATE TABLE t (x);")
