@@ -79,7 +79,14 @@ class DatabaseLock:
                 _lock(fd, fcntl.F_UNLCK, SHARED_FIRST, SHARED_SIZE)
 
     def close(self) -> None:
-        with self._mutex:
+        """Close the descriptor, unless a thread still waits for a lock on it:
+        that thread's lock request must not be pulled from under it, and the
+        process is about to exit, which releases everything anyway."""
+        if not self._mutex.acquire(timeout=1.0):
+            return
+        try:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+        finally:
+            self._mutex.release()
