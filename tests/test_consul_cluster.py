@@ -29,6 +29,7 @@ from consul_process import ConsulProcess, consul_for_test, unique_key
 from node_process import NodeProcess
 
 from litefs import ltx
+from litefs.cluster import abort_fuse_connection, fuse_connection
 
 pytestmark = pytest.mark.fuse
 
@@ -42,6 +43,7 @@ HANDOVER_WITHIN = 1.0
 REPLICATED_WITHIN = 1.0
 SETTLE_TIMEOUT = 30.0
 MOUNT_ANSWERS_WITHIN = 10.0
+STOP_WITHIN = 15.0
 
 _T = TypeVar("_T")
 
@@ -150,7 +152,16 @@ class Cluster:
         return found[0]
 
     def cleanup(self) -> None:
+        """Stop every node; one that hangs on its own mount is cut loose at once."""
         for node in reversed(self.nodes):
+            if node.process is not None and node.process.poll() is None:
+                connection = fuse_connection(node.mount_dir)
+                node.process.send_signal(signal.SIGINT)
+                try:
+                    node.process.wait(STOP_WITHIN)
+                except subprocess.TimeoutExpired:
+                    if connection is not None:
+                        abort_fuse_connection(connection)
             node.cleanup()
 
 
@@ -469,9 +480,11 @@ def test_primary_cut_off_from_consul_stops_writes_before_its_ttl_ends(
         value += 1
         time.sleep(0.05)
     stopped = time.monotonic()
-    # A transaction under way when the node steps down can only roll back.
-    assert "readonly" in error or "disk I/O error" in error
-    assert "readonly" in (insert(first, value) or "")
+    # A write under way as the node steps down fails however SQLite sees it
+    # (read-only database, I/O error, journal that cannot be created); the
+    # next fails as on any replica.
+    assert error
+    assert "attempt to write a readonly database" in (insert(first, value) or "")
     report(record_property, "writes_stopped_before_expiry", expires_no_earlier_than - stopped)
     assert stopped < expires_no_earlier_than, (
         f"node-a took writes {stopped - expires_no_earlier_than:.3f}s after its session "
