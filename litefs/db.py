@@ -258,14 +258,15 @@ class Database:
 
     # -- commit -----------------------------------------------------------
 
-    def commit(self, timestamp: int | None = None) -> Position | None:
+    def commit(self, timestamp: int | None = None, *, in_time: bool = True) -> Position | None:
         """Capture the transaction that just ended as an LTX file.
 
         Returns the new position, or None when nothing changed (a rollback,
-        or a transaction that wrote back what was there).
+        or a transaction that wrote back what was there). `in_time=False`
+        (the lease's deadline has passed) refuses any change, as on a replica.
         """
         with self.lock:
-            if not self.writable and self._has_changes():
+            if not (self.writable and in_time) and self._has_changes():
                 raise ReadOnlyError(
                     f"database {self.name}: this node stopped being the primary "
                     "before the transaction committed"

@@ -237,10 +237,11 @@ class Store:
 
     def commit(self, db: Database) -> Position | None:
         """Capture the transaction that just ended on `db`; see `Database.commit`."""
-        if self.is_primary and time.monotonic() >= self.commit_deadline:
-            log.error("the lease may have passed to another node; refusing writes")
-            self.set_role(Role.REPLICA, None)
-        position = db.commit()
+        # Past the deadline the lease may be another node's: refuse the
+        # commit here. The role changes in the lease loop, never inside a
+        # request: invalidating the kernel's entries from within one deadlocks.
+        in_time = time.monotonic() < self.commit_deadline
+        position = db.commit(in_time=in_time)
         if position is not None:
             if self.on_commit is not None:
                 self.on_commit(db.name)
