@@ -20,7 +20,6 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -703,13 +702,6 @@ class Database:
                 except FileNotFoundError:
                     continue
         return removed
-
-    def iter_pages(self) -> Iterator[tuple[int, bytes]]:
-        """Every page of the committed database, for snapshots."""
-        lock_pgno = ltx.lock_page(self.page_size) if self.page_size else 0
-        for pgno in range(1, self.page_count + 1):
-            if pgno != lock_pgno:
-                yield pgno, os.pread(self.fd, self.page_size, (pgno - 1) * self.page_size)
 
     def remove(self, trash: Path) -> None:
         """Delete the database directory: moved aside at once, then erased."""
