@@ -1,13 +1,15 @@
-"""One replicated SQLite database: its files, position, page checksums, and
-the turning of each committed rollback-journal transaction into an LTX file.
+"""One replicated SQLite database: its files, position, page checksums, the
+recording of each committed transaction as an LTX file, applying received
+ones, and recovery.
 
-The database learns what a transaction changed from the writes the mount
-passes through (`write`, `truncate`), and learns that it committed from what
-SQLite does to the journal (deleted, truncated to zero, or its header zeroed).
-At that moment `commit` reads the changed pages back, writes and syncs one LTX
-file, and only then lets the journal go: a crash at any point leaves either a
-hot journal to roll back or a complete LTX file matching the database, and
-`recover` tells the two apart at start-up.
+Which transaction committed, and when, is learned by the capture modules
+(`litefs.capture.rollback` for rollback journals, `litefs.capture.wal` for
+WAL), which this class owns, one per journal file. The database file's own
+writes tell which pages a rollback-journal transaction touched. Whatever the
+journal mode, `record_transaction` writes and syncs one LTX file before the
+operation that makes the transaction durable for SQLite goes ahead, so a
+crash leaves either something SQLite rolls back or an LTX file matching the
+database, and `recover` tells the two apart at start-up.
 """
 
 from __future__ import annotations
@@ -20,39 +22,43 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
 from litefs import ltx
+from litefs.capture import NO_CRASH, CrashPoints
+from litefs.capture.rollback import RollbackJournal, journal_is_hot
+from litefs.capture.wal import SharedMemory, WriteAheadLog
 
 log = logging.getLogger("litefs.db")
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
-JOURNAL_MAGIC = b"\xd9\xd5\x05\xf9\x20\xa1\x63\xd7"
-_WAL_VERSION_OFFSETS = (18, 19)
 
-CRASH_POINT_ENV = "LITEFS_CRASH_AT"
-"""Names a step of `commit` at which the process exits at once; tests use it
-to prove recovery from a crash at every step."""
-
-CRASH_STATUS = 86
-_crash_step = os.environ.get(CRASH_POINT_ENV) or None
+PageReader = Callable[[int], bytes]
+"""Returns the content of a page (by number) as of the transaction being recorded."""
 
 
-def crash_point(step: str) -> None:
-    """Exit at once, as a crash would, if the environment names this step."""
-    if _crash_step == step:
-        os._exit(CRASH_STATUS)
+class CommitEvents(Protocol):
+    """What a database asks of its store when it records a transaction."""
+
+    def commit_allowed(self) -> bool:
+        """False once the lease may have passed to another node."""
+        ...
+
+    def committed(self, name: str) -> None:
+        """Called after each recorded transaction, from the recording thread."""
+        ...
 
 
-COMMIT_STEPS = (
-    "before-ltx",
-    "mid-ltx",
-    "before-ltx-sync",
-    "before-journal-removal",
-    "after-journal-removal",
-)
+class _Unobserved:
+    def commit_allowed(self) -> bool:
+        return True
+
+    def committed(self, name: str) -> None:
+        return None
 
 
 class DatabaseError(Exception):
@@ -109,6 +115,38 @@ class Position:
 EMPTY_POSITION = Position(0, 0)
 
 
+class MainFile:
+    """The database file as the mount drives it (see `SQLiteFile`): writes
+    go through `Database.write`, which tracks the pages they touch."""
+
+    __slots__ = ("db", "path")
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.path = db.database_path
+
+    def check_writable(self) -> None:
+        self.db.check_writable()
+
+    def write(self, fd: int, offset: int, data: bytes) -> int:
+        return self.db.write(offset, data)
+
+    def write_commits(self, offset: int, data: bytes) -> bool:
+        return False
+
+    def truncate(self, size: int) -> None:
+        self.db.truncate(size)
+
+    def truncate_commits(self, size: int) -> bool:
+        return False
+
+    def remove(self) -> None:
+        raise NotPermitted("a database is removed through its store")
+
+    def remove_commits(self) -> bool:
+        return False
+
+
 class Database:
     """A database directory `<data>/dbs/<name>/` and its in-memory state.
 
@@ -116,7 +154,14 @@ class Database:
     run in worker threads.
     """
 
-    def __init__(self, name: str, path: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        *,
+        crash: CrashPoints = NO_CRASH,
+        events: CommitEvents | None = None,
+    ) -> None:
         self.name = name
         self.path = path
         self.database_path = path / "database"
@@ -126,13 +171,20 @@ class Database:
         self.ltx_dir = path / "ltx"
         self.applying_path = path / "applying"
         self.lock = threading.RLock()
+        self.crash = crash
+        self.events: CommitEvents = events or _Unobserved()
+        self.journal = RollbackJournal(self, crash)
+        self.wal = WriteAheadLog(self, crash)
+        self.shm = SharedMemory(self)
+        self.main_file = MainFile(self)
         self.fd = -1
         self.page_size = 0
         self._write_page_size = 0
         self.content = Content.EMPTY
         self.position = EMPTY_POSITION
-        self.journal_active = False
         self.writable = True
+        self.wal_mode = False
+        """The committed header says WAL: the file is written by checkpoints."""
         self.unsupported_mode: str | None = None
         self._checksums = array.array("Q")
         self._xor = 0
@@ -142,13 +194,13 @@ class Database:
     # -- life cycle -------------------------------------------------------
 
     @classmethod
-    def create(cls, name: str, path: Path, mode: int = 0o644) -> Database:
+    def create(cls, name: str, path: Path, mode: int = 0o644, **kwargs: object) -> Database:
         """Lay out a new, empty database directory and open it."""
         path.mkdir(parents=True, exist_ok=False)
         (path / "ltx").mkdir()
         fd = os.open(path / "database", os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
         os.close(fd)
-        db = cls(name, path)
+        db = cls(name, path, **kwargs)  # type: ignore[arg-type]
         db.open()
         return db
 
@@ -173,12 +225,22 @@ class Database:
     def page_count(self) -> int:
         return len(self._checksums)
 
-    # -- writes from the mount (hot path) ----------------------------------
+    def uses_wal(self) -> bool:
+        """Whether connections may have the database open in WAL mode."""
+        return self.wal_mode or self.wal.path.exists() or self.shm.path.exists()
+
+    def check_writable(self) -> None:
+        """Only the primary changes a database; the store sets `writable`."""
+        if not self.writable:
+            raise ReadOnlyError(f"database {self.name} is read-only on a replica")
+
+    # -- the database file (hot path) --------------------------------------
 
     def write(self, offset: int, data: bytes) -> int:
         """Write through to the database file, remembering the pages touched."""
-        if not self.journal_active:
-            self._check_write_outside_transaction(offset, data)
+        if not self.journal.active:
+            if self._write_outside_transaction(offset, data):
+                return os.pwrite(self.fd, data, offset)
         elif offset == 0 and self.content is not Content.PLAIN:
             self._check_page_one(data)
         written = os.pwrite(self.fd, data, offset)
@@ -197,32 +259,41 @@ class Database:
 
         SQLite may shrink the file just after the journal is gone (while it
         still holds its exclusive lock) to the size the committed header
-        already records; that changes nothing the LTX file did not say.
+        already records, and a checkpoint shrinks it to the size the WAL
+        records; neither changes what the LTX files say.
         """
         committed_size = self.page_count * self.page_size
-        rolling_back = self.journal_active and size == committed_size
+        active = self.journal.active
+        rolling_back = active and size == committed_size
         if not self.writable and not rolling_back:
             raise ReadOnlyError(f"database {self.name} is read-only on a replica")
-        if not self.journal_active and self.content is Content.SQLITE and size != committed_size:
+        if (
+            not active
+            and not self.wal_mode
+            and self.content is Content.SQLITE
+            and size != committed_size
+        ):
             self._refuse("OFF or MEMORY")
         os.ftruncate(self.fd, size)
         self._size_changed = True
 
-    def _check_write_outside_transaction(self, offset: int, data: bytes) -> None:
-        if not self.writable:
-            raise ReadOnlyError(f"database {self.name} is read-only on a replica")
+    def _write_outside_transaction(self, offset: int, data: bytes) -> bool:
+        """Check a write no rollback journal covers; True when it changes no
+        content (a WAL checkpoint copying committed pages back)."""
+        self.check_writable()
+        if self.wal_mode:
+            return True
         content = self.content
         if content is Content.PLAIN:
-            return
+            return False
         if content is Content.SQLITE or (offset == 0 and data[:16] == SQLITE_MAGIC):
             self._refuse("OFF or MEMORY")
         self.content = Content.PLAIN
+        return False
 
     def _check_page_one(self, data: bytes) -> None:
         if data[:16] != SQLITE_MAGIC:
             return
-        if len(data) > 19 and (data[18] == 2 or data[19] == 2):
-            self._refuse("WAL")
         self.content = Content.SQLITE
         self._write_page_size = ltx.sqlite_page_size(data)
 
@@ -231,82 +302,41 @@ class Database:
             self.unsupported_mode = mode
             log.error(
                 "database %s: refusing a write in journal mode %s; "
-                "only DELETE, TRUNCATE and PERSIST are replicated",
+                "only DELETE, TRUNCATE, PERSIST and WAL are replicated",
                 self.name,
                 mode,
             )
         raise UnsupportedJournalMode(self.name, mode)
 
-    # -- journal events ---------------------------------------------------
+    def begin_transaction(self) -> None:
+        """A rollback-journal transaction begins: track its writes afresh."""
+        self._dirty.clear()
+        self._size_changed = False
 
-    def journal_written(self, offset: int, data: bytes) -> bool:
-        """Track the journal header; returns True when this write commits.
+    # -- recording transactions ---------------------------------------------
 
-        SQLite writes the magic at offset 0 before it changes the database,
-        and in PERSIST mode zeroes it again to commit. A transaction may go on
-        after the node stepped down (to roll back), but none may begin.
-        """
-        if offset != 0 or len(data) < 8:
-            return False
-        if data[:8] == JOURNAL_MAGIC:
-            if not self.writable and not self.journal_active:
-                raise ReadOnlyError(f"database {self.name} is read-only on a replica")
-            self.journal_active = True
-            return False
-        return self.journal_active and not any(data[:8])
-
-    # -- commit -----------------------------------------------------------
-
-    def commit(self, timestamp: int | None = None, *, in_time: bool = True) -> Position | None:
-        """Capture the transaction that just ended as an LTX file.
+    def record_written_pages(self, timestamp: int | None = None) -> Position | None:
+        """Record the rollback-journal transaction that is ending: the pages
+        written to the file since it began, and any the file grew by.
 
         Returns the new position, or None when nothing changed (a rollback,
-        or a transaction that wrote back what was there). `in_time=False`
-        (the lease's deadline has passed) refuses any change, as on a replica.
+        or a transaction that wrote back what was there).
         """
         with self.lock:
-            if not (self.writable and in_time) and self._has_changes():
-                raise ReadOnlyError(
-                    f"database {self.name}: this node stopped being the primary "
-                    "before the transaction committed"
-                )
+            if not self._dirty and not self._size_changed:
+                return None
             try:
-                return self._commit(timestamp)
+                return self._record_written_pages(timestamp)
             finally:
-                self.journal_active = False
+                self._dirty.clear()
+                self._size_changed = False
 
-    def _has_changes(self) -> bool:
-        """Whether the file differs from the committed state in a page SQLite wrote.
-
-        A transaction in flight when the node stepped down may still end, but
-        only by rolling back, which writes every page back as it was.
-        """
-        size = os.fstat(self.fd).st_size
-        if self.page_size == 0:
-            return size != 0
-        if size != self.page_count * self.page_size:
-            return True
-        checksums = self._checksums
-        for pgno in self._dirty:
-            if pgno > len(checksums):
-                return True
-            data = os.pread(self.fd, self.page_size, (pgno - 1) * self.page_size)
-            if checksums[pgno - 1] and ltx.page_checksum(pgno, data) != checksums[pgno - 1]:
-                return True
-        return False
-
-    def _commit(self, timestamp: int | None) -> Position | None:
-        if not self._dirty and not self._size_changed:
-            return None
+    def _record_written_pages(self, timestamp: int | None) -> Position | None:
         size = os.fstat(self.fd).st_size
         if size == 0 and self.position.txid == 0:
-            self._dirty.clear()
-            self._size_changed = False
             return None
         header = os.pread(self.fd, 100, 0)
         if header[:16] != SQLITE_MAGIC:
-            self._dirty.clear()
-            self._size_changed = False
             return None
         page_size = ltx.sqlite_page_size(header)
         commit = _committed_page_count(header, size, page_size)
@@ -318,16 +348,88 @@ class Database:
         else:
             grown = range(self.page_count + 1, commit + 1)
             pages = sorted({p for p in self._dirty if p <= commit}.union(grown))
-        position = self._write_ltx(pages, commit, page_size, snapshot, timestamp)
-        self._dirty.clear()
-        self._size_changed = False
+        return self.record_transaction(
+            pages,
+            commit,
+            page_size,
+            self._file_page_reader(page_size),
+            snapshot=snapshot,
+            timestamp=timestamp,
+        )
+
+    def _file_page_reader(self, page_size: int) -> PageReader:
+        fd = self.fd
+
+        def read_page(pgno: int) -> bytes:
+            return os.pread(fd, page_size, (pgno - 1) * page_size)
+
+        return read_page
+
+    def record_current_state(self, read_page: PageReader) -> Position | None:
+        """Record every page as a snapshot at the next TXID."""
+        with self.lock:
+            commit = self.page_count
+            return self.record_transaction(
+                range(1, commit + 1), commit, self.page_size, read_page, snapshot=True
+            )
+
+    def record_transaction(
+        self,
+        pages: Iterable[int],
+        commit: int,
+        page_size: int,
+        read_page: PageReader,
+        *,
+        snapshot: bool,
+        timestamp: int | None = None,
+    ) -> Position | None:
+        """Write, sync and adopt one LTX file for a committed transaction.
+
+        `pages` (ascending) are those the transaction may have changed;
+        only the ones whose checksum differs from the recorded state go into
+        the file. A node that may no longer commit (a replica, or a primary
+        past its lease's deadline) refuses any change, but lets a
+        transaction that changed nothing end.
+        """
+        with self.lock:
+            pages = pages if isinstance(pages, (range, list)) else list(pages)
+            if not (self.writable and self.events.commit_allowed()):
+                if self._changes(pages, commit, page_size, read_page, snapshot):
+                    raise ReadOnlyError(
+                        f"database {self.name}: this node stopped being the primary "
+                        "before the transaction committed"
+                    )
+                return None
+            position = self._write_ltx(pages, commit, page_size, read_page, snapshot, timestamp)
+        if position is not None:
+            self.events.committed(self.name)
         return position
+
+    def _changes(
+        self,
+        pages: range | list[int],
+        commit: int,
+        page_size: int,
+        read_page: PageReader,
+        snapshot: bool,
+    ) -> bool:
+        if snapshot or commit != self.page_count or page_size != self.page_size:
+            return commit != 0 or self.page_count != 0
+        checksums = self._checksums
+        lock_pgno = ltx.lock_page(page_size)
+        for pgno in pages:
+            if pgno == lock_pgno:
+                continue
+            if ltx.page_checksum(pgno, read_page(pgno)) != checksums[pgno - 1]:
+                return True
+        return False
 
     def _write_ltx(
         self,
         pages: range | list[int],
         commit: int,
         page_size: int,
+        read_page: PageReader,
         snapshot: bool,
         timestamp: int | None,
     ) -> Position | None:
@@ -350,19 +452,23 @@ class Database:
         if not snapshot:
             for pgno in range(commit + 1, old_count + 1):
                 xor ^= old[pgno - 1]
+        first_page = b""
+        crash = self.crash
         path = self.ltx_dir / ltx.format_filename(min_txid, txid)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             with os.fdopen(fd, "wb", buffering=1 << 20, closefd=False) as out:
                 encoder = ltx.Encoder(out, header)
-                crash_point("before-ltx")
+                crash("before-ltx")
                 halfway = len(pages) // 2
                 for index, pgno in enumerate(pages):
                     if pgno == lock_pgno:
                         continue
-                    data = os.pread(self.fd, page_size, (pgno - 1) * page_size)
+                    data = read_page(pgno)
                     checksum = ltx.page_checksum(pgno, data)
                     previous = old[pgno - 1] if pgno <= old_count and not snapshot else 0
+                    if pgno == 1:
+                        first_page = data
                     if checksum == previous:
                         continue
                     encoder.write_page(pgno, data)
@@ -370,14 +476,14 @@ class Database:
                     xor ^= previous ^ checksum
                     if index == halfway:
                         out.flush()
-                        crash_point("mid-ltx")
+                        crash("mid-ltx")
                 if not changes and commit == old_count and not snapshot:
                     out.flush()
                     os.unlink(path)
                     return None
                 post_apply = xor | ltx.CHECKSUM_FLAG
                 encoder.finish(post_apply)
-            crash_point("before-ltx-sync")
+            crash("before-ltx-sync")
             os.fdatasync(fd)  # the directory entry is left to the filesystem: see recover()
         except BaseException:
             with contextlib.suppress(OSError):
@@ -388,6 +494,9 @@ class Database:
         self._apply_checksums(changes, commit, lock_pgno, snapshot)
         self._xor = xor
         self.page_size = self._write_page_size = page_size
+        self.content = Content.SQLITE
+        if first_page:
+            self.wal_mode = _is_wal_header(first_page)
         self.position = Position(txid, post_apply)
         return self.position
 
@@ -427,13 +536,19 @@ class Database:
             self.position = self._last_good_position()
             if self.applying_path.exists():
                 self._finish_interrupted_apply()
-            if _journal_is_hot(self.journal_path):
+            if self.journal.is_hot():
                 self._settle_hot_journal()
             self._load_checksums()
+            self.wal.recover()
             if self.position.txid and self.checksum != self.position.checksum:
                 self._capture_unrecorded_state()
+            self.wal_mode = _is_wal_header(self.read_page(1)) if self.page_count else False
             committed_size = self.page_count * self.page_size
-            if self.content is Content.SQLITE and os.fstat(self.fd).st_size > committed_size:
+            if (
+                self.content is Content.SQLITE
+                and not self.wal_mode
+                and os.fstat(self.fd).st_size > committed_size
+            ):
                 os.ftruncate(self.fd, committed_size)
 
     def _last_good_position(self) -> Position:
@@ -455,7 +570,7 @@ class Database:
         self._load_checksums()
         if self.position.txid and self.checksum == self.position.checksum:
             log.info("database %s: last transaction was captured; removing its journal", self.name)
-            self.journal_path.unlink()
+            self.journal.path.unlink()
             return
         log.info("database %s: rolling back an uncommitted transaction", self.name)
         _roll_back_journal(self.path, self.database_path, self.journal_path)
@@ -518,10 +633,29 @@ class Database:
             self.position.checksum,
             self.position.txid + 1,
         )
-        header = os.pread(self.fd, 100, 0)
-        page_size = ltx.sqlite_page_size(header)
-        commit = self.page_count
-        self._write_ltx(range(1, commit + 1), commit, page_size, True, None)
+        self.record_current_state(self.read_page)
+
+    def read_page(self, pgno: int) -> bytes:
+        """A page as last committed: from the WAL if it holds the page,
+        else from the database file (zeros past its end)."""
+        page_size = self.page_size
+        data = self.wal.read_page(pgno, page_size)
+        if data is None:
+            data = os.pread(self.fd, page_size, (pgno - 1) * page_size)
+        return data if len(data) == page_size else data.ljust(page_size, b"\0")
+
+    def copy_checksums(self) -> array.array[int]:
+        with self.lock:
+            return array.array("Q", self._checksums)
+
+    def adopt_checksums(self, checksums: array.array[int], page_size: int) -> None:
+        """Take the page checksums of the committed state, worked out by recovery."""
+        with self.lock:
+            self._checksums = checksums
+            self._xor = ltx.checksum_of(checksums)
+            if checksums:
+                self.page_size = self._write_page_size = page_size
+                self.content = Content.SQLITE
 
     # -- replication ------------------------------------------------------
 
@@ -592,14 +726,17 @@ class Database:
 
         The file is copied under `read_lock` (SQLite's SHARED lock, so no
         transaction is half-written) and encoded afterwards, so writers wait
-        only for the copy.
+        only for the copy. In WAL mode the file changes only by checkpoints,
+        which change no content: the copy is overlaid with the pages the WAL
+        holds, and the database lock alone keeps commits and WAL restarts out.
         """
         copy = out.with_name(out.name + ".db")
         try:
-            with read_lock, self.lock:
+            with contextlib.nullcontext() if self.wal_mode else read_lock, self.lock:
                 position = self.position
                 size = self.page_count * self.page_size
-                _copy_file(self.fd, copy, size)
+                _copy_file(self.fd, copy, size, allow_short=self.wal_mode)
+                self.wal.overlay(copy, self.page_size)
             with open(copy, "rb") as src, open(out, "wb") as dst:
                 _, trailer = ltx.encode_snapshot(src, dst, txid=position.txid)
             if trailer.post_apply_checksum != position.checksum:
@@ -650,6 +787,7 @@ class Database:
             self._xor = ltx.checksum_of(self._checksums)
             self.page_size = self._write_page_size = header.page_size
             self.content = Content.SQLITE if header.commit else Content.EMPTY
+            self.wal_mode = _is_wal_header(os.pread(self.fd, 100, 0))
             self.position = Position(header.max_txid, checked.trailer.post_apply_checksum)
             return self.position
 
@@ -676,15 +814,17 @@ class Database:
     def _discard_unfinished_transaction(self) -> None:
         """Roll back what a transaction left when its node stopped being the
         primary mid-way; SQLite's EXCLUSIVE lock is held, so its writer is gone."""
-        if self.journal_active or _journal_is_hot(self.journal_path):
+        journal = self.journal
+        if journal.active or journal.is_hot():
             log.warning(
                 "database %s: rolling back a transaction the primary never committed", self.name
             )
-            if _journal_is_hot(self.journal_path):
-                _roll_back_journal(self.path, self.database_path, self.journal_path)
-            self.journal_active = False
+            if journal.is_hot():
+                _roll_back_journal(self.path, self.database_path, journal.path)
+            journal.active = False
             self._dirty.clear()
             self._size_changed = False
+        self.wal.checkpoint()
 
     # -- retention --------------------------------------------------------
 
@@ -722,12 +862,9 @@ def _committed_page_count(header: bytes, file_size: int, page_size: int) -> int:
     return file_size // page_size
 
 
-def _journal_is_hot(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(8) == JOURNAL_MAGIC
-    except FileNotFoundError:
-        return False
+def _is_wal_header(page: bytes) -> bool:
+    """Whether a database header's file format bytes (18 and 19) say WAL."""
+    return len(page) > 19 and (page[18] == 2 or page[19] == 2)
 
 
 def _roll_back_journal(directory: Path, database: Path, journal: Path) -> None:
@@ -747,20 +884,25 @@ def _roll_back_journal(directory: Path, database: Path, journal: Path) -> None:
             conn.execute("PRAGMA schema_version").fetchone()
         finally:
             conn.close()
-        if _journal_is_hot(scratch / "db-journal"):
+        if journal_is_hot(scratch / "db-journal"):
             raise RecoveryError(f"SQLite left the journal of {directory.name} hot")
         journal.unlink()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _copy_file(fd: int, target: Path, size: int) -> None:
+def _copy_file(fd: int, target: Path, size: int, *, allow_short: bool = False) -> None:
+    """Copy the first `size` bytes; with `allow_short`, a shorter file is
+    copied whole and the rest left as zeros (WAL pages are laid over it)."""
     out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         offset = 0
         while offset < size:
             copied = os.copy_file_range(fd, out, size - offset, offset, offset)
             if copied == 0:
+                if allow_short:
+                    os.ftruncate(out, size)
+                    break
                 raise DatabaseError(f"database file ended at byte {offset}, expected {size}")
             offset += copied
     finally:

@@ -14,7 +14,11 @@ lookups, and `keep_cache` on open files. That is safe because every change on
 a primary passes through the kernel; whatever the daemon changes behind its
 back (replication) is followed by an invalidation.
 
-This module decides nothing about replication: it asks the store.
+This module decides nothing about replication: a file operation on one of
+a database's files goes to the object that owns that kind of file (the
+database, its rollback journal, its WAL, its shared memory), which says
+whether the operation may commit a transaction; those run in a worker
+thread. Whether this node may change anything is the store's answer.
 """
 
 from __future__ import annotations
@@ -26,18 +30,19 @@ import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from enum import Enum
+from operator import attrgetter
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from litefs.capture import SQLiteFile
 from litefs.db import (
     Database,
     DatabaseError,
     NotPermitted,
     ReadOnlyError,
     UnsupportedJournalMode,
-    crash_point,
 )
 from litefs.store import InvalidName, Store
 
@@ -65,6 +70,13 @@ SUFFIXES = (
     ("-pos", Kind.POSITION),
 )
 BACKING_NAMES = {Kind.JOURNAL: "journal", Kind.WAL: "wal", Kind.SHM: "shm"}
+OWNERS: dict[Kind, Callable[[Database], SQLiteFile]] = {
+    Kind.DATABASE: attrgetter("main_file"),
+    Kind.JOURNAL: attrgetter("journal"),
+    Kind.WAL: attrgetter("wal"),
+    Kind.SHM: attrgetter("shm"),
+}
+"""Which object of a database owns each kind of file."""
 PRIMARY_FILE = ".primary"
 
 
@@ -85,15 +97,15 @@ class Inode:
 
 
 class Handle:
-    """An open file: the node, its backing descriptor, and its database."""
+    """An open file: the node, its backing descriptor, and the object that
+    owns the file (None for generated files)."""
 
-    __slots__ = ("db", "fd", "kind", "node", "pid")
+    __slots__ = ("fd", "file", "node", "pid")
 
-    def __init__(self, node: Inode, fd: int, db: Database | None, pid: int) -> None:
+    def __init__(self, node: Inode, fd: int, file: SQLiteFile | None, pid: int) -> None:
         self.node = node
-        self.kind = node.kind
         self.fd = fd
-        self.db = db
+        self.file = file
         self.pid = pid
 
 
@@ -194,6 +206,16 @@ class FileSystem(pyfuse3.Operations):
         if db is None:
             raise _error(errno.ENOENT)
         return db
+
+    def _database_named(self, name: str) -> Database:
+        db = self.store.database(name)
+        if db is None:
+            raise _error(errno.ENOENT)
+        return db
+
+    def _owner(self, node: Inode) -> SQLiteFile:
+        """The object that owns a database's file."""
+        return OWNERS[node.kind](self._database(node))
 
     # -- attributes -------------------------------------------------------
 
@@ -337,27 +359,14 @@ class FileSystem(pyfuse3.Operations):
         return self._attributes(node)
 
     async def _truncate(self, node: Inode, size: int) -> None:
-        kind = node.kind
-        if kind is Kind.DIRECTORY:
+        if node.kind is Kind.DIRECTORY:
             raise _error(errno.EISDIR)
-        if kind is Kind.DATABASE:
-            db = self._database(node)
-            with _as_fuse_errors():
-                db.truncate(size)
-            return
-        if not self.store.is_primary and kind is not Kind.JOURNAL:
-            raise _error(errno.EROFS)
-        committing = False
-        if kind is Kind.JOURNAL and size == 0:
-            db = self._database(node)
-            if db.journal_active:
-                await self._commit(db)
-                committing = True
-                crash_point("before-journal-removal")
+        file = self._owner(node)
         with _as_fuse_errors():
-            os.truncate(self._backing(node), size)
-        if committing:
-            crash_point("after-journal-removal")
+            if file.truncate_commits(size):
+                await trio.to_thread.run_sync(file.truncate, size)
+            else:
+                file.truncate(size)
 
     # -- directories ------------------------------------------------------
 
@@ -419,7 +428,7 @@ class FileSystem(pyfuse3.Operations):
             return
         directories = [self.dbs_dir / listing.path]
         for _name, inode in listing.entries:
-            if inode.kind is Kind.JOURNAL:
+            if inode.kind is Kind.JOURNAL or inode.kind is Kind.WAL:
                 directories.append(self.dbs_dir / inode.db_name)
         with _as_fuse_errors():
             _sync_directories(directories)
@@ -428,8 +437,8 @@ class FileSystem(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._directory(parent_inode)
-        if not self.store.is_primary:
-            raise _error(errno.EROFS)
+        with _as_fuse_errors():
+            self.store.check_writable()
         text = os.fsdecode(name)
         if self._classify(parent.path, text) is not None:
             raise _error(errno.EEXIST)
@@ -451,9 +460,8 @@ class FileSystem(pyfuse3.Operations):
         kind, path, _ = found
         if kind is not Kind.DIRECTORY:
             raise _error(errno.ENOTDIR)
-        if not self.store.is_primary:
-            raise _error(errno.EROFS)
         with _as_fuse_errors():
+            self.store.check_writable()
             os.rmdir(self.dbs_dir / path)
         self._detach(path)
 
@@ -471,8 +479,6 @@ class FileSystem(pyfuse3.Operations):
         text = os.fsdecode(name)
         if self._classify(parent.path, text) is not None:
             raise _error(errno.EEXIST)
-        if not self.store.is_primary:
-            raise _error(errno.EROFS)
         kind, path, db_name = self._new_entry(parent.path, text)
         permissions = stat.S_IMODE(mode) & ~ctx.umask
         with _as_fuse_errors():
@@ -480,6 +486,7 @@ class FileSystem(pyfuse3.Operations):
                 db = self.store.create_database(path, permissions)
                 os.fchown(db.fd, ctx.uid, ctx.gid)
             else:
+                OWNERS[kind](self._database_named(db_name)).check_writable()
                 backing = self.dbs_dir / db_name / BACKING_NAMES[kind]
                 fd = os.open(backing, os.O_RDWR | os.O_CREAT | os.O_EXCL, permissions)
                 try:
@@ -502,12 +509,6 @@ class FileSystem(pyfuse3.Operations):
                     break
                 if kind is Kind.POSITION:
                     raise _error(errno.EPERM)
-                if kind is Kind.WAL:
-                    log.error(
-                        "database %s: refusing to create a WAL file; WAL mode is not supported",
-                        base,
-                    )
-                    raise _error(errno.EPERM)
                 return kind, path, base
         return Kind.DATABASE, path, path
 
@@ -522,24 +523,26 @@ class FileSystem(pyfuse3.Operations):
                 raise _error(errno.EACCES)
             fh = self._open_handle(node, flags, ctx)
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
-        if writing and not self.store.is_primary and not _is_own_thread(ctx.pid):
-            raise _error(errno.EROFS)
+        if writing and not _is_own_thread(ctx.pid):
+            with _as_fuse_errors():
+                self._owner(node).check_writable()
         fh = self._open_handle(node, flags, ctx)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     def _open_handle(self, node: Inode, flags: int, ctx: pyfuse3.RequestContext) -> int:
         kind = node.kind
         fd = -1
-        db: Database | None = None
-        if kind is not Kind.PRIMARY:
-            db = self._database(node)
-        if kind is not Kind.POSITION and kind is not Kind.PRIMARY:
+        file: SQLiteFile | None = None
+        if kind is Kind.POSITION:
+            self._database(node)
+        elif kind is not Kind.PRIMARY:
+            file = self._owner(node)
             access = os.O_RDWR if flags & os.O_ACCMODE != os.O_RDONLY else os.O_RDONLY
             with _as_fuse_errors():
                 fd = os.open(self._backing(node), access | os.O_CLOEXEC)
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(node, fd, db, ctx.pid)
+        self._handles[fh] = Handle(node, fd, file, ctx.pid)
         node.opens += 1
         return fh
 
@@ -552,22 +555,12 @@ class FileSystem(pyfuse3.Operations):
         return self._virtual_content(handle.node)[off : off + size]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self._handles[fh]
-        assert isinstance(handle, Handle)
-        kind = handle.kind
+        handle: Handle = self._handles[fh]  # type: ignore[assignment]
+        file: SQLiteFile = handle.file  # type: ignore[assignment]  # generated files are read-only
         try:
-            if kind is Kind.DATABASE:
-                return handle.db.write(off, buf)  # type: ignore[union-attr]
-            if kind is Kind.JOURNAL:
-                db = handle.db
-                assert db is not None
-                if db.journal_written(off, buf):
-                    await self._commit(db)
-                    crash_point("before-journal-removal")
-                    written = os.pwrite(handle.fd, buf, off)
-                    crash_point("after-journal-removal")
-                    return written
-            return os.pwrite(handle.fd, buf, off)
+            if file.write_commits(off, buf):
+                return await trio.to_thread.run_sync(file.write, handle.fd, off, buf)
+            return file.write(handle.fd, off, buf)
         except DatabaseError as exc:
             raise _fuse_error_for(exc) from None
         except OSError as exc:
@@ -611,20 +604,15 @@ class FileSystem(pyfuse3.Operations):
             raise _error(errno.EISDIR)
         if kind is Kind.POSITION or kind is Kind.PRIMARY:
             raise _error(errno.EPERM)
-        if not self.store.is_primary and kind is not Kind.JOURNAL:
-            raise _error(errno.EROFS)
         with _as_fuse_errors():
             if kind is Kind.DATABASE:
                 self.store.remove_database(path)
             else:
-                db = self.store.database(db_name)
-                committing = kind is Kind.JOURNAL and db is not None and db.journal_active
-                if committing:
-                    await self._commit(db)  # type: ignore[arg-type]
-                    crash_point("before-journal-removal")
-                os.unlink(self.dbs_dir / db_name / BACKING_NAMES[kind])
-                if committing:
-                    crash_point("after-journal-removal")
+                file = OWNERS[kind](self._database_named(db_name))
+                if file.remove_commits():
+                    await trio.to_thread.run_sync(file.remove)
+                else:
+                    file.remove()
         self._detach(path)
         if kind is Kind.DATABASE:
             for suffix, _ in SUFFIXES:
@@ -656,10 +644,9 @@ class FileSystem(pyfuse3.Operations):
         new_name = os.fsdecode(name_new)
         if self._classify(new_parent.path, new_name) is not None:
             raise _error(errno.EEXIST)
-        if not self.store.is_primary:
-            raise _error(errno.EROFS)
         new_path = _join(new_parent.path, new_name)
         with _as_fuse_errors():
+            self.store.check_writable()
             if kind is Kind.DIRECTORY:
                 self.store.rename_directory(old_path, new_path)
             elif kind is Kind.DATABASE:
@@ -711,26 +698,15 @@ class FileSystem(pyfuse3.Operations):
             setattr(data, field, getattr(st, field))
         return data
 
-    # -- commit -----------------------------------------------------------
-
-    async def _commit(self, db: Database) -> None:
-        """Capture a transaction in a worker thread; the caller's journal
-        operation goes ahead only once its LTX file is durable."""
-        try:
-            await trio.to_thread.run_sync(self.store.commit, db)
-        except DatabaseError as exc:
-            raise _fuse_error_for(exc) from None
-        except OSError as exc:
-            log.error("database %s: commit failed: %s", db.name, exc)
-            raise _error(errno.EIO) from None
-
     # -- changes made behind the kernel's back (MountObserver) ---------------
     # Called from worker and HTTP threads, never from the FUSE loop's.
 
     def database_changed(self, name: str) -> None:
-        node = self._paths.get(name)
-        if node is not None:
-            _quietly(pyfuse3.invalidate_inode, node.ino, False)
+        """The database was applied to, and its WAL perhaps emptied."""
+        for path in (name, name + "-wal"):
+            node = self._paths.get(path)
+            if node is not None:
+                _quietly(pyfuse3.invalidate_inode, node.ino, False)
 
     def database_created(self, name: str) -> None:
         self._invalidate_names(name)

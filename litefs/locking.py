@@ -23,6 +23,10 @@ PENDING_BYTE = 0x40000000
 RESERVED_BYTE = PENDING_BYTE + 1
 SHARED_FIRST = PENDING_BYTE + 2
 SHARED_SIZE = 510
+WAL_LOCKS_FIRST = 120
+WAL_LOCKS_SIZE = 8
+"""The `-shm` bytes SQLite locks in WAL mode: write, checkpoint, recover and
+the five read marks."""
 
 _FLOCK = struct.Struct("@hhqqi4x")
 
@@ -36,6 +40,7 @@ class DatabaseLock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.shm_path = path.with_name(path.name + "-shm")
         self._fd = -1
         self._mutex = threading.Lock()
 
@@ -60,6 +65,34 @@ class DatabaseLock:
                     yield
                 finally:
                     _lock(fd, fcntl.F_UNLCK, SHARED_FIRST, SHARED_SIZE)
+            finally:
+                _lock(fd, fcntl.F_UNLCK, PENDING_BYTE, 1)
+
+    @contextlib.contextmanager
+    def exclusive_wal(self) -> Iterator[int]:
+        """Hold what keeps every reader of a WAL database out; yields a
+        descriptor of its `-shm` through the mount, or -1 if none exists.
+
+        WAL readers hold SHARED on the database for as long as they are
+        connected, so EXCLUSIVE is never to be had. PENDING stops new
+        connections instead, and the WAL's own locks (every read mark among
+        them) wait for the read transactions under way to end.
+        """
+        with self._mutex:
+            fd = self._descriptor()
+            _lock(fd, fcntl.F_WRLCK, PENDING_BYTE, 1)
+            try:
+                try:
+                    shm = os.open(self.shm_path, os.O_RDWR | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    shm = -1
+                try:
+                    if shm >= 0:
+                        _lock(shm, fcntl.F_WRLCK, WAL_LOCKS_FIRST, WAL_LOCKS_SIZE)
+                    yield shm
+                finally:
+                    if shm >= 0:
+                        os.close(shm)  # releases its locks
             finally:
                 _lock(fd, fcntl.F_UNLCK, PENDING_BYTE, 1)
 

@@ -20,6 +20,7 @@ from collections.abc import Coroutine
 import pyfuse3
 import trio
 
+from litefs.capture import CrashPoints
 from litefs.cli import CommandError
 from litefs.config import Config, LeaseConfig
 from litefs.db import DatabaseError
@@ -89,7 +90,10 @@ class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = Store(
-            config.data.dir, retention=config.data.retention, mount_dir=config.fuse.dir
+            config.data.dir,
+            retention=config.data.retention,
+            mount_dir=config.fuse.dir,
+            crash=CrashPoints.from_environment(),
         )
         self.leaser = make_leaser(config.lease)
         self.metrics = Metrics(self.store)

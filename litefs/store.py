@@ -21,7 +21,8 @@ from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from litefs import ltx
+from litefs import ltx, walfile
+from litefs.capture import NO_CRASH, CrashPoints
 from litefs.db import Database, NotPermitted, Position, PositionMismatch, ReadOnlyError
 from litefs.lease import PrimaryInfo
 from litefs.locking import DatabaseLock
@@ -83,13 +84,28 @@ class NullObserver:
         return None
 
 
+def _reset_wal_index(shm: int, db: Database) -> None:
+    """Rewrite the wal-index through the mount, where readers map it."""
+    index = walfile.reset_index(
+        os.pread(shm, walfile.INDEX_INFO_SIZE, 0), os.fstat(db.fd).st_size // (db.page_size or 1)
+    )
+    if index is not None:
+        os.pwrite(shm, index, 0)
+
+
 class Store:
     """The databases under `<data>/dbs` and what this node is allowed to do."""
 
     def __init__(
-        self, data_dir: Path, *, retention: float = 600.0, mount_dir: Path | None = None
+        self,
+        data_dir: Path,
+        *,
+        retention: float = 600.0,
+        mount_dir: Path | None = None,
+        crash: CrashPoints = NO_CRASH,
     ) -> None:
         self.data_dir = data_dir
+        self.crash = crash
         self.dbs_dir = data_dir / "dbs"
         self.trash_dir = data_dir / "trash"
         self.tmp_dir = data_dir / "tmp"
@@ -102,6 +118,7 @@ class Store:
         self._dbs: dict[str, Database] = {}
         self._lock = threading.RLock()
         self._listeners: list[Listener] = []
+        self._listeners_lock = threading.Lock()
         self.commit_deadline = math.inf
         """Monotonic time after which the lease may have passed to another
         node: a commit after it is refused even if the lease loop is late."""
@@ -117,7 +134,7 @@ class Store:
             shutil.rmtree(scratch, ignore_errors=True)
             scratch.mkdir(exist_ok=True)
         for name, path in self._scan(self.dbs_dir, ""):
-            db = Database(name, path)
+            db = self._database(name, path)
             db.open()
             db.writable = self.role is Role.PRIMARY
             self._dbs[name] = db
@@ -191,7 +208,7 @@ class Store:
                 raise ReadOnlyError(f"cannot create database {name}: this node is a replica")
             if name in self._dbs:
                 raise FileExistsError(name)
-            db = Database.create(name, self.path_of(name), mode)
+            db = Database.create(name, self.path_of(name), mode, crash=self.crash, events=self)
             self._dbs[name] = db
         return db
 
@@ -213,7 +230,7 @@ class Store:
             os.rename(db.path, self.path_of(new))
             db.close()
             del self._dbs[old]
-            moved = Database(new, self.path_of(new))
+            moved = self._database(new, self.path_of(new))
             moved.open()
             moved.writable = self.is_primary
             self._dbs[new] = moved
@@ -230,23 +247,32 @@ class Store:
                 db = self._dbs.pop(name)
                 db.close()
                 renamed = new + name[len(old) :]
-                moved = Database(renamed, self.path_of(renamed))
+                moved = self._database(renamed, self.path_of(renamed))
                 moved.open()
                 moved.writable = self.is_primary
                 self._dbs[renamed] = moved
 
-    def commit(self, db: Database) -> Position | None:
-        """Capture the transaction that just ended on `db`; see `Database.commit`."""
-        # Past the deadline the lease may be another node's: refuse the
-        # commit here. The role changes in the lease loop, never inside a
-        # request: invalidating the kernel's entries from within one deadlocks.
-        in_time = time.monotonic() < self.commit_deadline
-        position = db.commit(in_time=in_time)
-        if position is not None:
-            if self.on_commit is not None:
-                self.on_commit(db.name)
-            self._notify(db.name)
-        return position
+    def _database(self, name: str, path: Path) -> Database:
+        return Database(name, path, crash=self.crash, events=self)
+
+    def check_writable(self) -> None:
+        """Raise ReadOnlyError unless this node may change the mount's tree."""
+        if not self.is_primary:
+            raise ReadOnlyError("this node is a replica")
+
+    # -- commits (CommitEvents) ---------------------------------------------
+
+    def commit_allowed(self) -> bool:
+        """Past the deadline the lease may be another node's: the commit is
+        refused in place. The role itself changes in the lease loop, never
+        inside a request: invalidating the kernel's entries from within one
+        deadlocks."""
+        return time.monotonic() < self.commit_deadline
+
+    def committed(self, name: str) -> None:
+        if self.on_commit is not None:
+            self.on_commit(name)
+        self._notify(name)
 
     # -- replication ------------------------------------------------------
 
@@ -305,13 +331,13 @@ class Store:
                         f"database {name}: a new database must start with a snapshot, "
                         f"got TXIDs {verified[0].min_txid}-{verified[0].max_txid}"
                     )
-                db = Database.create(name, self.path_of(name))
+                db = Database.create(name, self.path_of(name), crash=self.crash, events=self)
                 db.writable = False
                 self._dbs[name] = db
                 created = True
         lock = self._sqlite_lock(name) if not created else None
         try:
-            position = db.apply_ltx(path, self._exclusive(name, lock))
+            position = db.apply_ltx(path, self._exclusive(db, lock))
         finally:
             if created:
                 self.observer.database_created(name)
@@ -319,10 +345,24 @@ class Store:
         return position
 
     @contextlib.contextmanager
-    def _exclusive(self, name: str, lock: DatabaseLock | None) -> Iterator[None]:
-        with lock.exclusive() if lock else contextlib.nullcontext():
+    def _exclusive(self, db: Database, lock: DatabaseLock | None) -> Iterator[None]:
+        """Keep readers out while an LTX file is applied, then make them
+        drop what they cached: the kernel its pages, and in WAL mode every
+        connection its page cache, through a new wal-index header."""
+        if lock is None:
             yield
-            self.observer.database_changed(name)
+            self.observer.database_changed(db.name)
+            return
+        if not db.uses_wal():
+            with lock.exclusive():
+                yield
+                self.observer.database_changed(db.name)
+            return
+        with lock.exclusive_wal() as shm:
+            yield
+            self.observer.database_changed(db.name)
+            if shm >= 0:
+                _reset_wal_index(shm, db)
 
     def drop_database(self, name: str) -> None:
         """Remove a database the primary no longer has (replicas only)."""
@@ -349,15 +389,17 @@ class Store:
     # -- change notices ---------------------------------------------------
 
     def add_listener(self, listener: Listener) -> None:
-        with self._lock:
+        with self._listeners_lock:
             self._listeners.append(listener)
 
     def remove_listener(self, listener: Listener) -> None:
-        with self._lock:
+        with self._listeners_lock:
             self._listeners.remove(listener)
 
     def _notify(self, name: str) -> None:
-        with self._lock:
+        """Listeners only schedule work (they may be called with a database's
+        lock held), so they run under a lock of their own."""
+        with self._listeners_lock:
             listeners = list(self._listeners)
         for listener in listeners:
             listener(name)

@@ -36,6 +36,14 @@ def primary(start_node: StartNode) -> NodeProcess:
     return start_node("primary")
 
 
+@pytest.fixture
+def pair(start_node: StartNode) -> tuple[NodeProcess, NodeProcess]:
+    """A primary and a replica following it, both with static leases."""
+    primary = start_node("primary")
+    replica = start_node("replica", candidate=False, primary=primary)
+    return primary, replica
+
+
 def litefs_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [sys.executable, "-m", "litefs", *args], capture_output=True, text=True, timeout=300

@@ -18,7 +18,7 @@ from conftest import StartNode
 from node_process import NodeProcess
 from test_primary import assert_history_rebuilds, position_of
 
-from litefs.db import COMMIT_STEPS, CRASH_POINT_ENV, CRASH_STATUS
+from litefs.capture import COMMIT_STEPS, CRASH_POINT_ENV, CRASH_STATUS
 
 pytestmark = pytest.mark.fuse
 
@@ -109,4 +109,79 @@ def test_lost_newest_ltx_file_is_replaced_by_a_snapshot(
     assert position_of(node, "my.db") == before
     assert node.ltx_files("my.db")[-1].name == "0000000000000001-0000000000000003.ltx"
     assert node.sqlite("my.db", "SELECT count(*) FROM t;").stdout.strip() == "2"
+    assert_consistent(node, "my.db", tmp_path)
+
+
+WAL_STEPS = ("before-ltx", "mid-ltx", "before-ltx-sync")
+
+
+@pytest.mark.parametrize("step", WAL_STEPS)
+def test_crash_between_wal_commit_and_ltx_sync(
+    start_node: StartNode, tmp_path: Path, step: str
+) -> None:
+    """The commit frame reached the WAL before the daemon died: SQLite's
+    recovery will keep the transaction, so the restarted node records it,
+    exactly once."""
+    node = start_node("primary")
+    node.sqlite("my.db", "PRAGMA journal_mode=WAL; CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+    txid = position_of(node, "my.db")[0]
+    assert node.stop() == 0
+
+    node.start(env={CRASH_POINT_ENV: step})
+    node.sqlite(
+        "my.db",
+        "PRAGMA wal_autocheckpoint=0; INSERT INTO t SELECT randomblob(3000) FROM "
+        "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 50) "
+        "SELECT i FROM n);",
+        check=False,
+    )
+    assert node.wait_exit() == CRASH_STATUS
+
+    node.start()
+    assert (
+        int(node.sqlite("my.db", "SELECT count(*) FROM t;").stdout),
+        position_of(node, "my.db")[0],
+    ) == (51, txid + 1)
+    node.sqlite("my.db", "INSERT INTO t VALUES (2);")
+    assert position_of(node, "my.db")[0] == txid + 2
+    node.sqlite("my.db", "PRAGMA wal_checkpoint(TRUNCATE);")
+    assert_consistent(node, "my.db", tmp_path)
+
+
+@pytest.mark.slow
+def test_repeated_kill_9_under_wal_write_load(start_node: StartNode, tmp_path: Path) -> None:
+    node = start_node("primary")
+    node.sqlite("my.db", "PRAGMA journal_mode=WAL; CREATE TABLE t (i INTEGER PRIMARY KEY, x);")
+    base = position_of(node, "my.db")[0]
+    count = 0
+    rng = random.Random(11)
+    for round_number in range(4):
+        stop = threading.Event()
+        done: list[int] = []
+        first_id = 1_000_000 * (round_number + 1)
+
+        def write(stop: threading.Event = stop, done: list[int] = done, i: int = first_id) -> None:
+            try:
+                conn = sqlite3.connect(node.mount_dir / "my.db", timeout=5, isolation_level=None)
+                conn.execute("PRAGMA synchronous=NORMAL")
+                while not stop.is_set():
+                    conn.execute("INSERT INTO t VALUES (?, randomblob(200))", (i,))
+                    done.append(i)
+                    i += 1
+            except sqlite3.Error:
+                pass
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        time.sleep(rng.uniform(0.3, 1.0))
+        node.kill()
+        stop.set()
+        writer.join(30)
+
+        node.start()
+        before, count = count, int(node.sqlite("my.db", "SELECT count(*) FROM t;").stdout)
+        assert done, "the writer committed nothing before the kill"
+        assert before + len(done) <= count <= before + len(done) + 1
+        assert position_of(node, "my.db")[0] == base + count
+    node.sqlite("my.db", "PRAGMA wal_checkpoint(TRUNCATE);")
     assert_consistent(node, "my.db", tmp_path)

@@ -50,13 +50,6 @@ def assert_identical(primary: NodeProcess, replica: NodeProcess, db: str) -> Non
     )
 
 
-@pytest.fixture
-def pair(start_node: StartNode) -> tuple[NodeProcess, NodeProcess]:
-    primary = start_node("primary")
-    replica = start_node("replica", candidate=False, primary=primary)
-    return primary, replica
-
-
 def test_writes_on_the_primary_appear_on_the_replica(
     pair: tuple[NodeProcess, NodeProcess],
 ) -> None:

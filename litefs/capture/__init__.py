@@ -1,0 +1,95 @@
+"""Commit capture: learning from what SQLite does to a database's files when
+a transaction commits, so that each one becomes exactly one LTX file.
+
+Each journal family has its module: `rollback` for DELETE, TRUNCATE and
+PERSIST, `wal` for WAL. Both are driven by the mount with the file
+operations SQLite issues (write, truncate, unlink) and tell it which of them
+may commit, so the mount runs those in a worker thread. They can equally be
+driven directly, which is how their tests run without a mount.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger("litefs.capture")
+
+COMMIT_STEPS = (
+    "before-ltx",
+    "mid-ltx",
+    "before-ltx-sync",
+    "before-journal-removal",
+    "after-journal-removal",
+)
+"""The steps of a commit at which a crash can be injected."""
+
+CRASH_STATUS = 86
+CRASH_POINT_ENV = "LITEFS_CRASH_AT"
+"""Names the step at which a daemon exits as if it crashed (tests only)."""
+
+
+class SQLiteFile(Protocol):
+    """One of the files SQLite keeps for a database, as the mount drives it.
+
+    Each `*_commits` answer says whether that operation may record a
+    transaction (write and sync an LTX file), so the mount runs it in a
+    worker thread rather than on its event loop.
+    """
+
+    path: Path
+
+    def check_writable(self) -> None:
+        """Raise ReadOnlyError if this node may not open the file for writing."""
+        ...
+
+    def write(self, fd: int, offset: int, data: bytes) -> int: ...
+
+    def write_commits(self, offset: int, data: bytes) -> bool: ...
+
+    def truncate(self, size: int) -> None: ...
+
+    def truncate_commits(self, size: int) -> bool: ...
+
+    def remove(self) -> None: ...
+
+    def remove_commits(self) -> bool: ...
+
+
+class CrashPoints:
+    """Where a commit stops as if the process had crashed.
+
+    The daemon injects a crash with `exit_at`; in-process tests pass a
+    callback that raises instead, and check what a restart makes of it.
+    """
+
+    __slots__ = ("_crash", "step")
+
+    def __init__(self, step: str | None = None, crash: Callable[[str], None] | None = None) -> None:
+        if step is not None and step not in COMMIT_STEPS:
+            raise ValueError(f"unknown crash step {step!r}; known: {', '.join(COMMIT_STEPS)}")
+        self.step = step
+        self._crash = crash or _exit
+
+    @classmethod
+    def from_environment(cls) -> CrashPoints:
+        step = os.environ.get(CRASH_POINT_ENV) or None
+        if step not in COMMIT_STEPS:
+            if step is not None:
+                log.warning("ignoring %s=%s: not a commit step", CRASH_POINT_ENV, step)
+            return NO_CRASH
+        return cls(step)
+
+    def __call__(self, step: str) -> None:
+        if self.step == step:
+            self._crash(step)
+
+
+def _exit(step: str) -> None:
+    os._exit(CRASH_STATUS)
+
+
+NO_CRASH = CrashPoints()

@@ -1,0 +1,355 @@
+"""Commit capture without a mount: the capture modules are fed the file
+operations SQLite issues, in the order it issues them, and the LTX files
+they write are checked against the database SQLite produced."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from litefs import ltx, walfile
+from litefs.capture import CrashPoints
+from litefs.capture.rollback import JOURNAL_MAGIC
+from litefs.db import Database, ReadOnlyError
+
+PAGE = 4096
+
+
+class SimulatedCrash(BaseException):
+    """Stands for the process dying: no code path handles it."""
+
+    pass
+
+
+def raise_crash(step: str) -> None:
+    raise SimulatedCrash(step)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database.create("my.db", tmp_path / "dbs" / "my.db")
+    yield database
+    database.close()
+
+
+def rebuild(db: Database, tmp_path: Path) -> bytes:
+    """The database the LTX history describes."""
+    target = tmp_path / "rebuilt.db"
+    target.unlink(missing_ok=True)
+    fd = os.open(target, os.O_RDWR | os.O_CREAT)
+    try:
+        for _min, _max, path in db.ltx_files():
+            with open(path, "rb") as f:
+                ltx.apply_file(f, fd, sync=False)
+    finally:
+        os.close(fd)
+    return target.read_bytes()
+
+
+def sqlite_states(tmp_path: Path, *statements: str) -> list[bytes]:
+    """A database's bytes after each statement, made by SQLite on a plain disk."""
+    path = tmp_path / "plain.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA page_size={PAGE}")
+    states = []
+    for statement in statements:
+        conn.executescript(statement)
+        states.append(path.read_bytes())
+    conn.close()
+    return states
+
+
+# -- rollback journal ------------------------------------------------------
+
+
+def journal_transaction(db: Database, before: bytes, after: bytes, end: str) -> None:
+    """What SQLite does for one transaction: journal header, changed pages,
+    then delete, truncate or zero the journal."""
+    journal = db.journal
+    fd = os.open(journal.path, os.O_RDWR | os.O_CREAT)
+    try:
+        journal.write(fd, 0, JOURNAL_MAGIC + bytes(20))
+        for offset in range(0, max(len(before), len(after)), PAGE):
+            page = after[offset : offset + PAGE]
+            if page != before[offset : offset + PAGE] and page:
+                db.write(offset, page)
+        if len(after) < len(before):
+            db.truncate(len(after))
+        if end == "PERSIST":
+            assert journal.write_commits(0, bytes(28))
+            journal.write(fd, 0, bytes(28))
+        elif end == "TRUNCATE":
+            assert journal.truncate_commits(0)
+            journal.truncate(0)
+    finally:
+        os.close(fd)
+    if end == "DELETE":
+        assert journal.remove_commits()
+        journal.remove()
+
+
+@pytest.mark.parametrize("end", ["DELETE", "TRUNCATE", "PERSIST"])
+def test_rollback_transactions_become_ltx_files(db: Database, tmp_path: Path, end: str) -> None:
+    states = sqlite_states(
+        tmp_path,
+        "CREATE TABLE t (x)",
+        "INSERT INTO t VALUES (randomblob(5000))",
+        "DELETE FROM t; VACUUM",
+    )
+    before = b""
+    for txid, state in enumerate(states, start=1):
+        journal_transaction(db, before, state, end)
+        assert db.position.txid == txid
+        assert rebuild(db, tmp_path) == state
+        before = state
+
+
+def test_rolled_back_journal_transaction_writes_nothing(db: Database, tmp_path: Path) -> None:
+    (state,) = sqlite_states(tmp_path, "CREATE TABLE t (x)")
+    journal_transaction(db, b"", state, "DELETE")
+    changed = bytearray(state)
+    changed[PAGE + 100] ^= 1
+    journal_transaction(db, state, bytes(changed), "PERSIST")  # written...
+    assert db.position.txid == 2
+    journal_transaction(db, bytes(changed), bytes(changed), "DELETE")  # ...and written back
+    assert db.position.txid == 2
+
+
+def test_replica_refuses_to_begin_a_journal_transaction(db: Database) -> None:
+    db.writable = False
+    fd = os.open(db.journal.path, os.O_RDWR | os.O_CREAT)
+    try:
+        with pytest.raises(ReadOnlyError):
+            db.journal.write(fd, 0, JOURNAL_MAGIC + bytes(20))
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("step", ["before-ltx", "mid-ltx", "before-ltx-sync"])
+def test_injected_crash_leaves_no_ltx_file_and_a_hot_journal(tmp_path: Path, step: str) -> None:
+    db = Database.create("my.db", tmp_path / "dbs" / "my.db", crash=CrashPoints(step, raise_crash))
+    (state,) = sqlite_states(
+        tmp_path, "CREATE TABLE t (x); INSERT INTO t VALUES (randomblob(9000))"
+    )
+    with pytest.raises(SimulatedCrash):
+        journal_transaction(db, b"", state, "DELETE")
+    assert db.ltx_files() == []
+    assert db.journal.is_hot()
+    db.close()
+
+
+# -- WAL -------------------------------------------------------------------
+
+
+def sqlite_wal(tmp_path: Path, *statements: str, page_size: int = PAGE) -> tuple[bytes, bytes]:
+    """The WAL SQLite writes for the statements (no checkpoint), and the
+    database after a full checkpoint."""
+    directory = tmp_path / "plain"
+    directory.mkdir(exist_ok=True)
+    path = directory / "wal.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA page_size={page_size}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    for statement in statements:
+        conn.executescript(statement)
+    wal = (directory / "wal.db-wal").read_bytes()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return wal, path.read_bytes()
+
+
+def feed_wal(db: Database, wal: bytes, start: int = 0) -> None:
+    """Write a WAL from `start` as SQLite does: the header, then each
+    frame's header and page as two writes."""
+    log = db.wal
+    fd = os.open(log.path, os.O_RDWR | os.O_CREAT)
+    try:
+        if start == 0:
+            log.write(fd, 0, wal[: walfile.HEADER_SIZE])
+        page_size = walfile.parse_header(wal).page_size
+        offset = max(start, walfile.HEADER_SIZE)
+        while offset < len(wal):
+            log.write(fd, offset, wal[offset : offset + walfile.FRAME_HEADER_SIZE])
+            offset += walfile.FRAME_HEADER_SIZE
+            log.write(fd, offset, wal[offset : offset + page_size])
+            offset += page_size
+    finally:
+        os.close(fd)
+
+
+def commit_count(wal: bytes) -> int:
+    chain = walfile.FrameChain(walfile.parse_header(wal))
+    return len(walfile.transactions(chain, memoryview(wal)[walfile.HEADER_SIZE :]))
+
+
+@pytest.mark.parametrize("page_size", [512, 4096, 65536])
+def test_each_wal_commit_becomes_one_ltx_file(db: Database, tmp_path: Path, page_size: int) -> None:
+    wal, final = sqlite_wal(
+        tmp_path,
+        "CREATE TABLE t (x)",
+        "INSERT INTO t VALUES (randomblob(3000))",
+        "BEGIN; INSERT INTO t SELECT randomblob(700) FROM t; UPDATE t SET x = 1; COMMIT",
+        "DELETE FROM t",
+        page_size=page_size,
+    )
+    feed_wal(db, wal)
+    assert db.position.txid == commit_count(wal) == 4
+    assert rebuild(db, tmp_path) == final
+    assert db.checksum == ltx.database_checksum(tmp_path / "plain" / "wal.db")
+
+
+def test_frames_after_the_last_commit_produce_nothing(db: Database, tmp_path: Path) -> None:
+    wal, _ = sqlite_wal(tmp_path, "CREATE TABLE t (x)", "INSERT INTO t VALUES (1)")
+    page_size = walfile.parse_header(wal).page_size
+    frame = walfile.FRAME_HEADER_SIZE + page_size
+    last = len(wal) - frame
+    uncommitted = bytearray(wal[last:])
+    uncommitted[4:8] = bytes(4)  # the same frame, without a commit size
+    feed_wal(db, wal[:last] + bytes(uncommitted))
+    assert db.position.txid == 1
+
+
+def test_a_frame_with_a_bad_checksum_is_not_committed(db: Database, tmp_path: Path) -> None:
+    wal, _ = sqlite_wal(tmp_path, "CREATE TABLE t (x)", "INSERT INTO t VALUES (1)")
+    damaged = bytearray(wal)
+    damaged[-10] ^= 0xFF  # inside the second transaction's last page
+    feed_wal(db, bytes(damaged))
+    assert db.position.txid == 1
+
+
+def test_commit_frame_counts_only_once_its_checksum_is_rewritten(
+    db: Database, tmp_path: Path
+) -> None:
+    """SQLite writes a spilled transaction's commit frame with zero salts and
+    checksum, then rewrites the headers: only the rewrite commits."""
+    wal, final = sqlite_wal(tmp_path, "CREATE TABLE t (x)")
+    page_size = walfile.parse_header(wal).page_size
+    frame = walfile.FRAME_HEADER_SIZE + page_size
+    last = len(wal) - frame
+    blank = bytearray(wal[last:])
+    blank[8:24] = bytes(16)
+    feed_wal(db, wal[:last] + bytes(blank))
+    assert db.position.txid == 0
+    fd = os.open(db.wal.path, os.O_RDWR)
+    try:
+        header = wal[last : last + walfile.FRAME_HEADER_SIZE]
+        assert db.wal.write_commits(last, header)
+        db.wal.write(fd, last, header)
+    finally:
+        os.close(fd)
+    assert db.position.txid == 1
+    assert rebuild(db, tmp_path) == final
+
+
+def test_restart_with_new_salts_continues_the_history(db: Database, tmp_path: Path) -> None:
+    first, _ = sqlite_wal(tmp_path, "CREATE TABLE t (x)", "INSERT INTO t VALUES (1)")
+    feed_wal(db, first)
+    # A checkpoint copies the committed pages into the database file...
+    for pgno in sorted(db.wal.pages):
+        db.write((pgno - 1) * PAGE, db.read_page(pgno))
+    assert db.position.txid == 2
+    # ...then a writer restarts the log with other salts.
+    directory = tmp_path / "plain"
+    conn = sqlite3.connect(directory / "wal.db", isolation_level=None)
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    conn.execute("INSERT INTO t VALUES (2)")
+    second = (directory / "wal.db-wal").read_bytes()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    assert walfile.parse_header(second).salt1 != walfile.parse_header(first).salt1
+    feed_wal(db, second)
+    assert db.position.txid == 3
+    assert rebuild(db, tmp_path) == (directory / "wal.db").read_bytes()
+
+
+def test_replica_refuses_wal_frames(db: Database, tmp_path: Path) -> None:
+    wal, _ = sqlite_wal(tmp_path, "CREATE TABLE t (x)")
+    db.writable = False
+    with pytest.raises(ReadOnlyError):
+        feed_wal(db, wal)
+    assert db.ltx_files() == []
+
+
+def test_refused_commit_is_invalidated_in_the_wal(db: Database, tmp_path: Path) -> None:
+    """A commit the node may no longer record must not be found committed
+    by SQLite's recovery later."""
+    wal, _ = sqlite_wal(tmp_path, "CREATE TABLE t (x)", "INSERT INTO t VALUES (1)")
+    first = walfile.HEADER_SIZE + 2 * (walfile.FRAME_HEADER_SIZE + PAGE)
+    feed_wal(db, wal[:first])  # the first transaction's two frames
+    txid = db.position.txid
+
+    class Deadline:
+        def commit_allowed(self) -> bool:
+            return False
+
+        def committed(self, name: str) -> None:
+            return None
+
+    db.events = Deadline()
+    with pytest.raises(ReadOnlyError):
+        feed_wal(db, wal, first)
+    assert db.position.txid == txid
+    on_disk = db.wal.path.read_bytes()
+    chain = walfile.FrameChain(walfile.parse_header(on_disk))
+    assert len(walfile.transactions(chain, memoryview(on_disk)[walfile.HEADER_SIZE :])) == 1
+
+
+def test_recovery_records_wal_transactions_the_history_lacks(tmp_path: Path) -> None:
+    path = tmp_path / "dbs" / "my.db"
+    crash = CrashPoints(None, raise_crash)
+    db = Database.create("my.db", path, crash=crash)
+    wal, final = sqlite_wal(tmp_path, "CREATE TABLE t (x)", "INSERT INTO t VALUES (1)")
+    second = walfile.HEADER_SIZE + len(
+        walfile.transactions(
+            walfile.FrameChain(walfile.parse_header(wal)), memoryview(wal)[walfile.HEADER_SIZE :]
+        )[0]
+    ) * (walfile.FRAME_HEADER_SIZE + PAGE)
+    feed_wal(db, wal[:second])
+    assert db.position.txid == 1
+    crash.step = "before-ltx"
+    with pytest.raises(SimulatedCrash):
+        feed_wal(db, wal, second)
+    assert len(db.ltx_files()) == 1
+    db.close()
+
+    for _restart in range(2):  # the second start finds nothing left to record
+        recovered = Database("my.db", path)
+        recovered.open()
+        try:
+            assert recovered.position.txid == 2
+            assert rebuild(recovered, tmp_path) == final
+        finally:
+            recovered.close()
+
+
+def test_wal_checksum_matches_sqlite_in_both_byte_orders() -> None:
+    header = bytearray(32)
+    for magic in (walfile.MAGIC_LITTLE, walfile.MAGIC_BIG):
+        header[:16] = b"".join(
+            v.to_bytes(4, "big") for v in (magic, walfile.FORMAT_VERSION, 4096, 0)
+        )
+        header[16:24] = os.urandom(8)
+        c1, c2 = _reference_checksum(magic == walfile.MAGIC_BIG, bytes(header[:24]))
+        header[24:32] = c1.to_bytes(4, "big") + c2.to_bytes(4, "big")
+        assert walfile.parse_header(bytes(header)).checksum == (c1, c2)
+        data = os.urandom(4096 + 8)
+        assert walfile.checksum(magic == walfile.MAGIC_BIG, data, (c1, c2)) == (
+            _reference_checksum(magic == walfile.MAGIC_BIG, data, (c1, c2))
+        )
+
+
+def _reference_checksum(
+    big_endian: bool, data: bytes, start: tuple[int, int] = (0, 0)
+) -> tuple[int, int]:
+    """SQLite's loop, word by word."""
+    s1, s2 = start
+    order = "big" if big_endian else "little"
+    for i in range(0, len(data), 8):
+        s1 = (s1 + int.from_bytes(data[i : i + 4], order) + s2) & 0xFFFFFFFF
+        s2 = (s2 + int.from_bytes(data[i + 4 : i + 8], order) + s1) & 0xFFFFFFFF
+    return s1, s2

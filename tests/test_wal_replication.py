@@ -1,0 +1,133 @@
+"""WAL databases on replicas: applied transactions reach readers that keep
+their connections open in WAL mode, whole or not at all."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+from node_process import NodeProcess
+from test_replication import position, wait_caught_up
+from test_wal import checkpoint, connect
+
+from litefs import ltx
+
+pytestmark = pytest.mark.fuse
+
+
+def replica_checksum_matches(replica: NodeProcess, db: str) -> None:
+    _txid, checksum = position(replica, db).split("/")
+    assert ltx.database_checksum(replica.db_dir(db) / "database") == int(checksum, 16)
+
+
+def test_wal_transactions_reach_open_replica_connections(
+    pair: tuple[NodeProcess, NodeProcess],
+) -> None:
+    primary, replica = pair
+    writer = connect(primary, journal_mode="WAL", synchronous="NORMAL")
+    writer.execute("CREATE TABLE t (x)")
+    writer.execute("INSERT INTO t VALUES (0)")
+    wait_caught_up(primary, replica, "my.db")
+    readers = [connect(replica) for _ in range(3)]
+    for reader in readers:
+        assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert reader.execute("SELECT count(*) FROM t").fetchone()[0] == 1
+    for i in range(1, 30):
+        writer.execute("INSERT INTO t VALUES (?)", (i,))
+        wait_caught_up(primary, replica, "my.db")
+        replica_checksum_matches(replica, "my.db")
+        for reader in readers:
+            assert reader.execute("SELECT count(*) FROM t").fetchone()[0] == i + 1
+    for reader in readers:
+        reader.close()
+    writer.close()
+    checkpoint(primary)
+    assert (replica.db_dir("my.db") / "database").read_bytes() == (
+        primary.db_dir("my.db") / "database"
+    ).read_bytes()
+
+
+def test_replica_reader_keeps_its_snapshot_until_it_ends(
+    pair: tuple[NodeProcess, NodeProcess],
+) -> None:
+    primary, replica = pair
+    writer = connect(primary, journal_mode="WAL")
+    writer.execute("CREATE TABLE t (x)")
+    writer.execute("INSERT INTO t VALUES (0)")
+    wait_caught_up(primary, replica, "my.db")
+    reader = connect(replica)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM t").fetchone()[0] == 1
+    writer.execute("INSERT INTO t VALUES (1)")
+    # the apply waits for the read transaction: the replica stays behind
+    assert reader.execute("SELECT count(*) FROM t").fetchone()[0] == 1
+    reader.execute("COMMIT")
+    wait_caught_up(primary, replica, "my.db")
+    assert reader.execute("SELECT count(*) FROM t").fetchone()[0] == 2
+    reader.close()
+    writer.close()
+
+
+def test_switching_to_wal_and_back_replicates(pair: tuple[NodeProcess, NodeProcess]) -> None:
+    primary, replica = pair
+    primary.sqlite("my.db", "CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+    wait_caught_up(primary, replica, "my.db")
+    held = connect(replica)  # a connection open across both switches
+    assert held.execute("SELECT count(*) FROM t").fetchone()[0] == 1
+    primary.sqlite("my.db", "PRAGMA journal_mode=WAL; INSERT INTO t VALUES (2);")
+    wait_caught_up(primary, replica, "my.db")
+    assert (replica.db_dir("my.db") / "database").read_bytes()[18:20] == b"\x02\x02"
+    assert held.execute("SELECT count(*) FROM t").fetchone()[0] == 2
+    assert replica.sqlite("my.db", "SELECT count(*) FROM t;").stdout.strip() == "2"
+    primary.sqlite("my.db", "PRAGMA journal_mode=DELETE; INSERT INTO t VALUES (3);")
+    wait_caught_up(primary, replica, "my.db")
+    assert (replica.db_dir("my.db") / "database").read_bytes()[18:20] == b"\x01\x01"
+    assert held.execute("SELECT count(*) FROM t").fetchone()[0] == 3
+    held.close()
+    assert replica.sqlite("my.db", "SELECT count(*) FROM t;").stdout.strip() == "3"
+    replica_checksum_matches(replica, "my.db")
+
+
+def test_replica_wal_readers_never_see_a_partial_transaction(
+    pair: tuple[NodeProcess, NodeProcess],
+) -> None:
+    primary, replica = pair
+    accounts = 20
+    writer = connect(primary, "bank.db", journal_mode="WAL", synchronous="NORMAL")
+    writer.execute("CREATE TABLE account (id INTEGER PRIMARY KEY, balance INTEGER)")
+    writer.executemany("INSERT INTO account VALUES (?, 100)", [(i,) for i in range(accounts)])
+    wait_caught_up(primary, replica, "bank.db")
+    stop = threading.Event()
+    sums: list[int] = []
+    failures: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            conn = sqlite3.connect(replica.mount_dir / "bank.db", timeout=30, isolation_level=None)
+            while not stop.is_set():
+                sums.append(conn.execute("SELECT sum(balance) FROM account").fetchone()[0])
+            conn.close()
+        except BaseException as exc:
+            failures.append(exc)
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for thread in readers:
+        thread.start()
+    try:
+        for i in range(1000):
+            a, b = i % accounts, (i * 7 + 3) % accounts
+            writer.execute("BEGIN")
+            writer.execute("UPDATE account SET balance = balance - 5 WHERE id = ?", (a,))
+            writer.execute("UPDATE account SET balance = balance + 5 WHERE id = ?", (b,))
+            writer.execute("COMMIT")
+        wait_caught_up(primary, replica, "bank.db")
+        replica_checksum_matches(replica, "bank.db")
+    finally:
+        stop.set()
+        for thread in readers:
+            thread.join(60)
+        writer.close()
+    assert not failures
+    assert len(sums) > 100
+    assert set(sums) == {100 * accounts}
