@@ -22,14 +22,14 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
 from litefs import ltx
-from litefs.capture import NO_CRASH, CrashPoints
+from litefs.capture import NO_CRASH, CrashPoints, WouldBlock
 from litefs.capture.rollback import RollbackJournal, journal_is_hot
 from litefs.capture.wal import SharedMemory, WriteAheadLog
 
@@ -128,22 +128,22 @@ class MainFile:
     def check_writable(self) -> None:
         self.db.check_writable()
 
-    def write(self, fd: int, offset: int, data: bytes) -> int:
+    def write(self, fd: int, offset: int, data: bytes, wait: bool = True) -> int:
         return self.db.write(offset, data)
 
-    def write_commits(self, offset: int, data: bytes) -> bool:
+    def write_blocks(self, offset: int, data: bytes) -> bool:
         return False
 
-    def truncate(self, size: int) -> None:
+    def truncate(self, size: int, wait: bool = True) -> None:
         self.db.truncate(size)
 
-    def truncate_commits(self, size: int) -> bool:
+    def truncate_blocks(self, size: int) -> bool:
         return False
 
-    def remove(self) -> None:
+    def remove(self, wait: bool = True) -> None:
         raise NotPermitted("a database is removed through its store")
 
-    def remove_commits(self) -> bool:
+    def remove_blocks(self) -> bool:
         return False
 
 
@@ -190,6 +190,7 @@ class Database:
         self._xor = 0
         self._dirty: set[int] = set()
         self._size_changed = False
+        self._unsynced: list[Path] = []
 
     # -- life cycle -------------------------------------------------------
 
@@ -212,6 +213,7 @@ class Database:
 
     def close(self) -> None:
         with self.lock:
+            self.sync_history()
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
@@ -224,6 +226,21 @@ class Database:
     @property
     def page_count(self) -> int:
         return len(self._checksums)
+
+    @contextlib.contextmanager
+    def locked(self, wait: bool = True) -> Iterator[None]:
+        """Hold the database's lock; without `wait`, raise WouldBlock if
+        another thread holds it (the mount's event loop must not wait)."""
+        if not self.lock.acquire(blocking=wait):
+            raise WouldBlock(self.name)
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    def written_bytes(self) -> int:
+        """How much the rollback-journal transaction under way has written."""
+        return len(self._dirty) * self._write_page_size
 
     def uses_wal(self) -> bool:
         """Whether connections may have the database open in WAL mode."""
@@ -365,6 +382,20 @@ class Database:
 
         return read_page
 
+    def sync_history(self) -> None:
+        """Make the LTX files written with `durable=False` durable."""
+        with self.lock:
+            for path in self._unsynced:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue  # removed by retention or a snapshot
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            self._unsynced.clear()
+
     def record_current_state(self, read_page: PageReader) -> Position | None:
         """Record every page as a snapshot at the next TXID."""
         with self.lock:
@@ -382,6 +413,7 @@ class Database:
         *,
         snapshot: bool,
         timestamp: int | None = None,
+        durable: bool = True,
     ) -> Position | None:
         """Write, sync and adopt one LTX file for a committed transaction.
 
@@ -390,6 +422,10 @@ class Database:
         the file. A node that may no longer commit (a replica, or a primary
         past its lease's deadline) refuses any change, but lets a
         transaction that changed nothing end.
+
+        `durable=False` leaves the file unsynced until `sync_history`: for a
+        transaction that stays in the WAL, from which recovery can record it
+        again, until the WAL is restarted or removed.
         """
         with self.lock:
             pages = pages if isinstance(pages, (range, list)) else list(pages)
@@ -400,7 +436,9 @@ class Database:
                         "before the transaction committed"
                     )
                 return None
-            position = self._write_ltx(pages, commit, page_size, read_page, snapshot, timestamp)
+            position = self._write_ltx(
+                pages, commit, page_size, read_page, snapshot, timestamp, durable
+            )
         if position is not None:
             self.events.committed(self.name)
         return position
@@ -432,6 +470,7 @@ class Database:
         read_page: PageReader,
         snapshot: bool,
         timestamp: int | None,
+        durable: bool = True,
     ) -> Position | None:
         old = self._checksums
         lock_pgno = ltx.lock_page(page_size)
@@ -484,7 +523,10 @@ class Database:
                 post_apply = xor | ltx.CHECKSUM_FLAG
                 encoder.finish(post_apply)
             crash("before-ltx-sync")
-            os.fdatasync(fd)  # the directory entry is left to the filesystem: see recover()
+            if durable:
+                os.fdatasync(fd)  # the directory entry is left to the filesystem: see recover()
+            else:
+                self._unsynced.append(path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(path)

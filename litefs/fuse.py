@@ -32,11 +32,12 @@ from collections.abc import Callable, Iterator, Sequence
 from enum import Enum
 from operator import attrgetter
 from pathlib import Path
+from typing import TypeVar
 
 import pyfuse3
 import trio
 
-from litefs.capture import SQLiteFile
+from litefs.capture import SQLiteFile, WouldBlock
 from litefs.db import (
     Database,
     DatabaseError,
@@ -47,6 +48,7 @@ from litefs.db import (
 from litefs.store import InvalidName, Store
 
 log = logging.getLogger("litefs.fuse")
+T = TypeVar("T")
 
 ENTRY_TIMEOUT = 3600.0
 ATTR_TIMEOUT = 3600.0
@@ -363,10 +365,7 @@ class FileSystem(pyfuse3.Operations):
             raise _error(errno.EISDIR)
         file = self._owner(node)
         with _as_fuse_errors():
-            if file.truncate_commits(size):
-                await trio.to_thread.run_sync(file.truncate, size)
-            else:
-                file.truncate(size)
+            await _carry_out(file.truncate_blocks(size), file.truncate, size)
 
     # -- directories ------------------------------------------------------
 
@@ -558,9 +557,7 @@ class FileSystem(pyfuse3.Operations):
         handle: Handle = self._handles[fh]  # type: ignore[assignment]
         file: SQLiteFile = handle.file  # type: ignore[assignment]  # generated files are read-only
         try:
-            if file.write_commits(off, buf):
-                return await trio.to_thread.run_sync(file.write, handle.fd, off, buf)
-            return file.write(handle.fd, off, buf)
+            return await _carry_out(file.write_blocks(off, buf), file.write, handle.fd, off, buf)
         except DatabaseError as exc:
             raise _fuse_error_for(exc) from None
         except OSError as exc:
@@ -609,10 +606,7 @@ class FileSystem(pyfuse3.Operations):
                 self.store.remove_database(path)
             else:
                 file = OWNERS[kind](self._database_named(db_name))
-                if file.remove_commits():
-                    await trio.to_thread.run_sync(file.remove)
-                else:
-                    file.remove()
+                await _carry_out(file.remove_blocks(), file.remove)
         self._detach(path)
         if kind is Kind.DATABASE:
             for suffix, _ in SUFFIXES:
@@ -738,6 +732,17 @@ class FileSystem(pyfuse3.Operations):
             for handle in self._handles.values()
             if isinstance(handle, Handle) and not _is_own_thread(handle.pid)
         ]
+
+
+async def _carry_out(blocks: bool, operation: Callable[..., T], *args: object) -> T:
+    """Run a file operation on the event loop unless it may take long or
+    finds its database locked; then in a worker thread."""
+    if not blocks:
+        try:
+            return operation(*args, wait=False)
+        except WouldBlock:
+            pass
+    return await trio.to_thread.run_sync(operation, *args)
 
 
 def _is_own_thread(pid: int) -> bool:

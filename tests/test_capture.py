@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from litefs import ltx, walfile
-from litefs.capture import CrashPoints
+from litefs.capture import CrashPoints, WouldBlock
 from litefs.capture.rollback import JOURNAL_MAGIC
 from litefs.db import Database, ReadOnlyError
 
@@ -80,15 +81,12 @@ def journal_transaction(db: Database, before: bytes, after: bytes, end: str) -> 
         if len(after) < len(before):
             db.truncate(len(after))
         if end == "PERSIST":
-            assert journal.write_commits(0, bytes(28))
             journal.write(fd, 0, bytes(28))
         elif end == "TRUNCATE":
-            assert journal.truncate_commits(0)
             journal.truncate(0)
     finally:
         os.close(fd)
     if end == "DELETE":
-        assert journal.remove_commits()
         journal.remove()
 
 
@@ -238,7 +236,6 @@ def test_commit_frame_counts_only_once_its_checksum_is_rewritten(
     fd = os.open(db.wal.path, os.O_RDWR)
     try:
         header = wal[last : last + walfile.FRAME_HEADER_SIZE]
-        assert db.wal.write_commits(last, header)
         db.wal.write(fd, last, header)
     finally:
         os.close(fd)
@@ -353,3 +350,53 @@ def _reference_checksum(
         s1 = (s1 + int.from_bytes(data[i : i + 4], order) + s2) & 0xFFFFFFFF
         s2 = (s2 + int.from_bytes(data[i + 4 : i + 8], order) + s1) & 0xFFFFFFFF
     return s1, s2
+
+
+def test_small_commits_run_in_place_and_large_ones_in_a_worker(
+    db: Database, tmp_path: Path
+) -> None:
+    wal, _ = sqlite_wal(tmp_path, "CREATE TABLE t (x)", "INSERT INTO t SELECT randomblob(500000)")
+    header = walfile.parse_header(wal)
+    chain = walfile.FrameChain(header)
+    small, large = walfile.transactions(chain, memoryview(wal)[walfile.HEADER_SIZE :])
+    end_of_small = small[-1].offset + header.frame_size
+    feed_wal(db, wal[:end_of_small])
+    last = large[-1].offset
+    log = db.wal
+    fd = os.open(log.path, os.O_RDWR)
+    try:
+        for frame in large[:-1]:
+            chunk = wal[frame.offset : frame.offset + header.frame_size]
+            assert not log.write_blocks(frame.offset, chunk)
+            log.write(fd, frame.offset, chunk, wait=False)
+        commit_header = wal[last : last + walfile.FRAME_HEADER_SIZE]
+        log.write(fd, last, commit_header, wait=False)
+        page = wal[last + walfile.FRAME_HEADER_SIZE : last + header.frame_size]
+        assert log.write_blocks(last + walfile.FRAME_HEADER_SIZE, page)
+        with db.lock, pytest.raises(WouldBlock):  # as if a snapshot held it
+            _in_other_thread(
+                lambda: log.write(fd, last + walfile.FRAME_HEADER_SIZE, page, wait=False)
+            )
+        assert db.position.txid == 1
+        log.write(fd, last + walfile.FRAME_HEADER_SIZE, page)
+        assert db.position.txid == 2
+    finally:
+        os.close(fd)
+
+
+def _in_other_thread(work: Callable[[], object]) -> object:
+    result: list[object] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]

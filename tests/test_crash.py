@@ -182,6 +182,11 @@ def test_repeated_kill_9_under_wal_write_load(start_node: StartNode, tmp_path: P
         before, count = count, int(node.sqlite("my.db", "SELECT count(*) FROM t;").stdout)
         assert done, "the writer committed nothing before the kill"
         assert before + len(done) <= count <= before + len(done) + 1
-        assert position_of(node, "my.db")[0] == base + count
+        assert position_of(node, "my.db")[0] == base + count, (
+            base,
+            count,
+            len(done),
+            node.log()[-3000:],
+        )
     node.sqlite("my.db", "PRAGMA wal_checkpoint(TRUNCATE);")
     assert_consistent(node, "my.db", tmp_path)

@@ -35,9 +35,12 @@ CRASH_POINT_ENV = "LITEFS_CRASH_AT"
 class SQLiteFile(Protocol):
     """One of the files SQLite keeps for a database, as the mount drives it.
 
-    Each `*_commits` answer says whether that operation may record a
-    transaction (write and sync an LTX file), so the mount runs it in a
-    worker thread rather than on its event loop.
+    Each `*_blocks` answer says whether that operation may take long (it
+    records a large transaction, or must wait for the database's lock), so
+    the mount runs it in a worker thread. Other operations run on the
+    mount's event loop with `wait=False`: one that would have to wait for
+    the database's lock raises WouldBlock before changing anything, and is
+    then run in a worker thread after all.
     """
 
     path: Path
@@ -46,17 +49,27 @@ class SQLiteFile(Protocol):
         """Raise ReadOnlyError if this node may not open the file for writing."""
         ...
 
-    def write(self, fd: int, offset: int, data: bytes) -> int: ...
+    def write(self, fd: int, offset: int, data: bytes, wait: bool = True) -> int: ...
 
-    def write_commits(self, offset: int, data: bytes) -> bool: ...
+    def write_blocks(self, offset: int, data: bytes) -> bool: ...
 
-    def truncate(self, size: int) -> None: ...
+    def truncate(self, size: int, wait: bool = True) -> None: ...
 
-    def truncate_commits(self, size: int) -> bool: ...
+    def truncate_blocks(self, size: int) -> bool: ...
 
-    def remove(self) -> None: ...
+    def remove(self, wait: bool = True) -> None: ...
 
-    def remove_commits(self) -> bool: ...
+    def remove_blocks(self) -> bool: ...
+
+
+class WouldBlock(Exception):
+    """The operation would wait for a database's lock: run it in a worker
+    thread instead. Raised before anything has changed."""
+
+
+SMALL_TRANSACTION = 64 * 1024
+"""Bytes of pages up to which a transaction is recorded on the mount's event
+loop: a hop to a worker thread costs more than writing such a file."""
 
 
 class CrashPoints:

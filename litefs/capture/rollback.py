@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from litefs.capture import CrashPoints
+from litefs.capture import SMALL_TRANSACTION, CrashPoints
 
 if TYPE_CHECKING:
     from litefs.db import Database, Position
@@ -43,34 +43,41 @@ class RollbackJournal:
         which only the primary may do."""
         self.db.check_writable()
 
-    def write_commits(self, offset: int, data: bytes) -> bool:
+    def write_blocks(self, offset: int, data: bytes) -> bool:
+        return self._write_commits(offset, data) and self._large()
+
+    def truncate_blocks(self, size: int) -> bool:
+        return self.active and size == 0 and self._large()
+
+    def remove_blocks(self) -> bool:
+        return self.active and self._large()
+
+    def _write_commits(self, offset: int, data: bytes) -> bool:
+        """PERSIST ends a transaction by zeroing the header's magic."""
         return self.active and offset == 0 and len(data) >= 8 and not any(data[:8])
 
-    def truncate_commits(self, size: int) -> bool:
-        return self.active and size == 0
-
-    def remove_commits(self) -> bool:
-        return self.active
+    def _large(self) -> bool:
+        return self.db.written_bytes() > SMALL_TRANSACTION
 
     # -- file operations ---------------------------------------------------
 
-    def write(self, fd: int, offset: int, data: bytes) -> int:
+    def write(self, fd: int, offset: int, data: bytes, wait: bool = True) -> int:
         if offset == 0 and len(data) >= 8:
             if data[:8] == JOURNAL_MAGIC:
                 self._begin()
-            elif self.write_commits(offset, data):
-                return self._commit_then(lambda: os.pwrite(fd, data, offset))
+            elif self._write_commits(offset, data):
+                return self._commit_then(lambda: os.pwrite(fd, data, offset), wait)
         return os.pwrite(fd, data, offset)
 
-    def truncate(self, size: int) -> None:
-        if self.truncate_commits(size):
-            self._commit_then(lambda: os.truncate(self.path, 0))
+    def truncate(self, size: int, wait: bool = True) -> None:
+        if self.active and size == 0:
+            self._commit_then(lambda: os.truncate(self.path, 0), wait)
         else:
             os.truncate(self.path, size)
 
-    def remove(self) -> None:
-        if self.remove_commits():
-            self._commit_then(lambda: os.unlink(self.path))
+    def remove(self, wait: bool = True) -> None:
+        if self.active:
+            self._commit_then(lambda: os.unlink(self.path), wait)
         else:
             os.unlink(self.path)
 
@@ -84,18 +91,18 @@ class RollbackJournal:
             self.db.begin_transaction()
         self.active = True
 
-    def _commit_then(self, end: Callable[[], T]) -> T:
-        self.commit()
+    def _commit_then(self, end: Callable[[], T], wait: bool) -> T:
+        self.commit(wait)
         self.crash("before-journal-removal")
         result = end()
         self.crash("after-journal-removal")
         return result
 
-    def commit(self) -> Position | None:
+    def commit(self, wait: bool = True) -> Position | None:
         """Record the transaction that is ending; None when nothing changed
         (a rollback writes every page back as it was)."""
         db = self.db
-        with db.lock:
+        with db.locked(wait):
             try:
                 return db.record_written_pages()
             finally:

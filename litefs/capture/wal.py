@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from litefs import ltx
-from litefs.capture import CrashPoints
+from litefs.capture import SMALL_TRANSACTION, CrashPoints
 from litefs.walfile import (
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
@@ -65,47 +65,68 @@ class WriteAheadLog:
         """Readers open the log for writing too (replicas included): only
         writing frames is the primary's."""
 
-    def write_commits(self, offset: int, data: bytes) -> bool:
-        """Whether this write may complete a transaction, or starts a new
-        generation of the log (which must not race a snapshot's reads)."""
-        return offset < HEADER_SIZE or self._scan(offset, data, update=False)
+    def write_blocks(self, offset: int, data: bytes) -> bool:
+        """A new generation of the log makes the recorded files durable
+        first; a large transaction takes long to record."""
+        if offset < HEADER_SIZE:
+            return True
+        chain = self.chain
+        if chain is None or not self._scan(offset, data, update=False):
+            return False
+        return offset + len(data) - chain.end > SMALL_TRANSACTION
 
-    def truncate_commits(self, size: int) -> bool:
+    def truncate_blocks(self, size: int) -> bool:
         return True
 
-    def remove_commits(self) -> bool:
+    def remove_blocks(self) -> bool:
         return True
 
     # -- file operations ---------------------------------------------------
 
-    def write(self, fd: int, offset: int, data: bytes) -> int:
-        self.db.check_writable()
+    def write(self, fd: int, offset: int, data: bytes, wait: bool = True) -> int:
+        db = self.db
+        db.check_writable()
         if offset < HEADER_SIZE:
-            with self.db.lock:
+            with db.locked(wait):
+                self._before_frames_are_lost()
                 written = os.pwrite(fd, data, offset)
                 self._start_generation(fd)
                 self._scan(offset, data, update=True)
                 self._record_committed(fd)
             return written
-        written = os.pwrite(fd, data, offset)
-        if self._scan(offset, data, update=True):
-            with self.db.lock:
-                self._record_committed(fd)
+        if not self._scan(offset, data, update=False):
+            written = os.pwrite(fd, data, offset)
+            self._scan(offset, data, update=True)
+            return written
+        with db.locked(wait):
+            written = os.pwrite(fd, data, offset)
+            self._scan(offset, data, update=True)
+            self._record_committed(fd)
         return written
 
-    def truncate(self, size: int) -> None:
-        with self.db.lock:
-            os.truncate(self.path, size)
+    def truncate(self, size: int, wait: bool = True) -> None:
+        with self.db.locked(wait):
             chain = self.chain
+            if chain is not None and size < chain.end:
+                self._before_frames_are_lost()
+            os.truncate(self.path, size)
             if chain is not None and size < chain.end:
                 self._forget()
             for offset in [c for c in self._commits if c >= size]:
                 del self._commits[offset]
 
-    def remove(self) -> None:
-        with self.db.lock:
+    def remove(self, wait: bool = True) -> None:
+        with self.db.locked(wait):
+            self._before_frames_are_lost()
             os.unlink(self.path)
             self._forget()
+
+    def _before_frames_are_lost(self) -> None:
+        """Transactions are recorded from the log without syncing their LTX
+        files: while the log holds them, recovery can record them again.
+        Before the log is restarted, cut short or removed, the files must be
+        durable."""
+        self.db.sync_history()
 
     def _forget(self) -> None:
         """The log is gone or restarted: SQLite does that only once every
@@ -206,7 +227,7 @@ class WriteAheadLog:
         else:
             grown = range(db.page_count + 1, commit + 1)
             pages = sorted(set(latest).union(grown))
-        db.record_transaction(pages, commit, page_size, read_page, snapshot=snapshot)
+        db.record_transaction(pages, commit, page_size, read_page, snapshot=snapshot, durable=False)
         self.pages.update(latest)
         for pgno in [p for p in self.pages if p > commit]:
             del self.pages[pgno]
@@ -334,6 +355,7 @@ class WriteAheadLog:
                     )
             os.ftruncate(db.fd, db.page_count * page_size)
         if self.path.exists():
+            self._before_frames_are_lost()
             os.truncate(self.path, 0)
         self._forget()
 
@@ -349,22 +371,22 @@ class SharedMemory:
     def check_writable(self) -> None:
         return None
 
-    def write(self, fd: int, offset: int, data: bytes) -> int:
+    def write(self, fd: int, offset: int, data: bytes, wait: bool = True) -> int:
         return os.pwrite(fd, data, offset)
 
-    def write_commits(self, offset: int, data: bytes) -> bool:
+    def write_blocks(self, offset: int, data: bytes) -> bool:
         return False
 
-    def truncate(self, size: int) -> None:
+    def truncate(self, size: int, wait: bool = True) -> None:
         os.truncate(self.path, size)
 
-    def truncate_commits(self, size: int) -> bool:
+    def truncate_blocks(self, size: int) -> bool:
         return False
 
-    def remove(self) -> None:
+    def remove(self, wait: bool = True) -> None:
         os.unlink(self.path)
 
-    def remove_commits(self) -> bool:
+    def remove_blocks(self) -> bool:
         return False
 
 
