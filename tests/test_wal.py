@@ -230,3 +230,19 @@ def test_restart_with_uncheckpointed_wal(start_node: StartNode, tmp_path: Path) 
     node.sqlite("my.db", "INSERT INTO t VALUES (10);")
     assert position_of(node, "my.db")[0] == position[0] + 1
     assert_history_rebuilds_checkpointed(node, "my.db", tmp_path)
+
+
+def test_exclusive_locking_mode_keeps_the_wal_index_in_memory(
+    primary: NodeProcess, tmp_path: Path
+) -> None:
+    result = primary.sqlite(
+        "my.db",
+        "PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; CREATE TABLE t (x);"
+        "INSERT INTO t VALUES (1); INSERT INTO t VALUES (2); SELECT count(*) FROM t;",
+    )
+    assert result.stdout.split() == ["exclusive", "wal", "2"]
+    assert not (primary.db_dir("my.db") / "shm").exists()
+    txid = position_of(primary, "my.db")[0]
+    primary.sqlite("my.db", "INSERT INTO t VALUES (3);")
+    assert position_of(primary, "my.db")[0] == txid + 1
+    assert_history_rebuilds_checkpointed(primary, "my.db", tmp_path)
