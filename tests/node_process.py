@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from litefs import ltx, walfile
 from litefs.cluster import LocalNode, free_port
 from litefs.mountpoint import is_mounted
 
@@ -33,6 +34,43 @@ class NodeProcess(LocalNode):
             return high, low
 
         return sorted((self.db_dir(name) / "ltx").glob("*.ltx"), key=txids)
+
+    def committed_database(self, name: str) -> bytes:
+        """The database's committed content: its file overlaid with the
+        transactions its WAL holds, as SQLite reads it."""
+        directory = self.db_dir(name)
+        data = bytearray((directory / "database").read_bytes())
+        try:
+            wal = (directory / "wal").read_bytes()
+            header = walfile.parse_header(wal)
+        except (FileNotFoundError, walfile.WalFormatError):
+            return bytes(data)
+        chain = walfile.FrameChain(header)
+        size = header.page_size
+        for frames in walfile.transactions(chain, memoryview(wal)[walfile.HEADER_SIZE :]):
+            for frame in frames:
+                offset = (frame.pgno - 1) * size
+                if len(data) < offset + size:
+                    data.extend(bytes(offset + size - len(data)))
+                data[offset : offset + size] = wal[frame.data_offset : frame.data_offset + size]
+            commit = frames[-1].commit * size
+            del data[commit:]
+            data.extend(bytes(commit - len(data)))
+        return bytes(data)
+
+    def committed_checksum(self, name: str) -> int:
+        """The database checksum of `committed_database`."""
+        data = self.committed_database(name)
+        if not data:
+            return ltx.CHECKSUM_FLAG
+        page_size = ltx.sqlite_page_size(data)
+        lock = ltx.lock_page(page_size)
+        xor = 0
+        for pgno in range(1, len(data) // page_size + 1):
+            if pgno != lock:
+                page = data[(pgno - 1) * page_size : pgno * page_size]
+                xor ^= ltx.page_checksum(pgno, page)
+        return xor | ltx.CHECKSUM_FLAG
 
     def sqlite(self, db: str, sql: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run the real `sqlite3` shell on a database in the mount."""

@@ -28,7 +28,6 @@ import yaml
 from consul_process import ConsulProcess, consul_for_test, unique_key
 from node_process import NodeProcess
 
-from litefs import ltx
 from litefs.cluster import abort_fuse_connection, fuse_connection
 
 pytestmark = pytest.mark.fuse
@@ -330,10 +329,9 @@ def all_caught_up(nodes: Sequence[NodeProcess], primary: NodeProcess) -> bool:
 
 def assert_identical(node: NodeProcess, primary: NodeProcess) -> None:
     wait_for(lambda: caught_up(node, primary), SETTLE_TIMEOUT, f"{node.name} to catch up")
-    database = (node.db_dir(DB) / "database").read_bytes()
-    assert database == (primary.db_dir(DB) / "database").read_bytes()
+    assert node.committed_database(DB) == primary.committed_database(DB)
     checksum = int(position(primary, DB).split("/")[1], 16)
-    assert ltx.database_checksum(node.db_dir(DB) / "database") == checksum
+    assert node.committed_checksum(DB) == checksum
 
 
 def report(record_property: Callable[[str, object], None], name: str, seconds: float) -> None:
@@ -416,15 +414,21 @@ def test_seed_configuration_walkthrough(
 # -- failover in the full configuration shape -----------------------------------------
 
 
+@pytest.fixture(params=["DELETE", "WAL"])
+def journal_mode(request: pytest.FixtureRequest) -> str:
+    """The statement that puts a new database in each journal mode under test."""
+    return f"PRAGMA journal_mode={request.param};"
+
+
 @pytest.mark.timeout(90)
 def test_killed_primary_is_replaced_within_two_ttls_and_the_lock_delay(
-    cluster: Cluster, record_property: Callable[[str, object], None]
+    cluster: Cluster, record_property: Callable[[str, object], None], journal_mode: str
 ) -> None:
     first = cluster.start("node-a")
     wait_for(lambda: role(first) == "primary", 15, "node-a to become primary")
     second = cluster.start("node-b")
     wait_for(lambda: follows(second, first), 15, "node-b to follow node-a")
-    first.sqlite(DB, "CREATE TABLE t (n INTEGER); INSERT INTO t VALUES (1);")
+    first.sqlite(DB, journal_mode + "CREATE TABLE t (n INTEGER); INSERT INTO t VALUES (1);")
     wait_for(lambda: caught_up(second, first), REPLICATED_WITHIN, "node-b to catch up")
 
     killed = time.monotonic()
@@ -581,7 +585,9 @@ class Writer(threading.Thread):
 
 
 @pytest.mark.timeout(110)
-def test_acknowledged_writes_survive_repeated_failovers(cluster: Cluster) -> None:
+def test_acknowledged_writes_survive_repeated_failovers(
+    cluster: Cluster, journal_mode: str
+) -> None:
     """Three nodes; the primary is stopped (SIGINT) or crashes (kill -9) and
     is restarted, three times, while a writer keeps inserting rows on
     whichever node is primary.
@@ -596,7 +602,7 @@ def test_acknowledged_writes_survive_repeated_failovers(cluster: Cluster) -> Non
     nodes += [cluster.start("node-b"), cluster.start("node-c")]
     for node in nodes[1:]:
         wait_for(partial(follows, node, nodes[0]), 15, f"{node.name} to follow")
-    nodes[0].sqlite(DB, "CREATE TABLE t (n INTEGER PRIMARY KEY);")
+    nodes[0].sqlite(DB, journal_mode + "CREATE TABLE t (n INTEGER PRIMARY KEY);")
 
     writer = Writer(nodes)
     writer.start()
@@ -636,14 +642,16 @@ def test_acknowledged_writes_survive_repeated_failovers(cluster: Cluster) -> Non
 
 
 @pytest.mark.timeout(60)
-def test_clean_stop_hands_over_every_committed_transaction(cluster: Cluster) -> None:
+def test_clean_stop_hands_over_every_committed_transaction(
+    cluster: Cluster, journal_mode: str
+) -> None:
     """A primary stopped with SIGINT just after a commit: the node that takes
     over holds that transaction, and the stopped node, started again, keeps it."""
     old = cluster.start("node-a")
     wait_for(lambda: role(old) == "primary", 15, "node-a to become primary")
     replica = cluster.start("node-b")
     wait_for(lambda: follows(replica, old), 15, "node-b to follow node-a")
-    old.sqlite(DB, "CREATE TABLE t (n INTEGER, pad BLOB);")
+    old.sqlite(DB, journal_mode + "CREATE TABLE t (n INTEGER, pad BLOB);")
     wait_for(lambda: caught_up(replica, old), REPLICATED_WITHIN, "node-b to catch up")
 
     old.sqlite(
@@ -672,7 +680,7 @@ def test_clean_stop_hands_over_every_committed_transaction(cluster: Cluster) -> 
     ids=["old-primary-ahead", "same-txid", "old-primary-behind"],
 )
 def test_diverged_old_primary_is_reseeded_from_the_new_one(
-    cluster: Cluster, lost: int, new: int
+    cluster: Cluster, lost: int, new: int, journal_mode: str
 ) -> None:
     """The old primary committed `lost` transactions the replica never saw,
     then crashed; the replica became primary and committed `new` others."""
@@ -680,7 +688,7 @@ def test_diverged_old_primary_is_reseeded_from_the_new_one(
     wait_for(lambda: role(old) == "primary", 15, "node-a to become primary")
     replica = cluster.start("node-b")
     wait_for(lambda: follows(replica, old), 15, "node-b to follow node-a")
-    old.sqlite(DB, "CREATE TABLE t (n INTEGER); INSERT INTO t VALUES (0);")
+    old.sqlite(DB, journal_mode + "CREATE TABLE t (n INTEGER); INSERT INTO t VALUES (0);")
     wait_for(lambda: caught_up(replica, old), REPLICATED_WITHIN, "node-b to catch up")
 
     assert replica.stop() == 0

@@ -195,10 +195,10 @@ def wait_identical(nodes: Sequence[NodeProcess], db: str = DB) -> str:
     wait_for(same, what=f"every node at one position of {db}")
     pos = position(nodes[0], db)
     checksum = int(pos.split("/")[1], 16)
-    contents = {(node.db_dir(db) / "database").read_bytes() for node in nodes}
-    assert len(contents) == 1, f"nodes at {pos} hold different {db} files"
+    contents = {node.committed_database(db) for node in nodes}
+    assert len(contents) == 1, f"nodes at {pos} hold different {db} contents"
     for node in nodes:
-        assert ltx.database_checksum(node.db_dir(db) / "database") == checksum
+        assert node.committed_checksum(db) == checksum
     return pos
 
 
@@ -236,9 +236,12 @@ class Cluster:
             node.process.send_signal(signal.SIGCONT)
 
 
-@pytest.fixture
-def cluster(etcd_server: EtcdServer, start_node: StartNode) -> Iterator[Cluster]:
-    """Three candidate nodes on one etcd key, with a table `t (x)` in app.db."""
+@pytest.fixture(params=["DELETE", "WAL"])
+def cluster(
+    etcd_server: EtcdServer, start_node: StartNode, request: pytest.FixtureRequest
+) -> Iterator[Cluster]:
+    """Three candidate nodes on one etcd key, with a table `t (x)` in app.db,
+    in each journal mode."""
     nodes = [
         start_node(name, wait=False, settings=etcd_lease(etcd_server))
         for name in ("node1", "node2", "node3")
@@ -248,7 +251,7 @@ def cluster(etcd_server: EtcdServer, start_node: StartNode) -> Iterator[Cluster]
     made = Cluster(etcd_server, nodes)
     try:
         leader = wait_elected(nodes)
-        leader.sqlite(DB, "CREATE TABLE t (x);")
+        leader.sqlite(DB, f"PRAGMA journal_mode={request.param}; CREATE TABLE t (x);")
         wait_identical(nodes)
         yield made
     finally:
