@@ -28,6 +28,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from enum import Enum
 from operator import attrgetter
@@ -516,6 +517,10 @@ class FileSystem(pyfuse3.Operations):
         kind = node.kind
         if kind is Kind.DIRECTORY:
             raise _error(errno.EISDIR)
+        if node.unlinked:
+            # Only a stale cached name leads here (its file went with its
+            # database): ESTALE makes the kernel look the name up afresh.
+            raise _error(errno.ESTALE)
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         if kind is Kind.POSITION or kind is Kind.PRIMARY:
             if writing:
@@ -525,6 +530,8 @@ class FileSystem(pyfuse3.Operations):
         if writing and not _is_own_thread(ctx.pid):
             with _as_fuse_errors():
                 self._owner(node).check_writable()
+        if writing and flags & os.O_TRUNC:  # the kernel leaves O_TRUNC to us (atomic_o_trunc)
+            await self._truncate(node, 0)
         fh = self._open_handle(node, flags, ctx)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -611,6 +618,10 @@ class FileSystem(pyfuse3.Operations):
         if kind is Kind.DATABASE:
             for suffix, _ in SUFFIXES:
                 self._detach(path + suffix)
+            # The kernel forgets the name it unlinked, not the database's
+            # other files, which went with it; it holds the directory's lock
+            # until this request returns, so they are dropped afterwards.
+            threading.Thread(target=self._invalidate_names, args=(path,), daemon=True).start()
 
     def _detach(self, path: str) -> None:
         node = self._paths.pop(path, None)
@@ -713,7 +724,8 @@ class FileSystem(pyfuse3.Operations):
 
     def _invalidate_names(self, name: str) -> None:
         """Drop cached lookups (negative ones too) of a database, its
-        position file, and any directory on its path."""
+        journal, WAL, shared memory and position files, and any directory
+        on its path."""
         parent_path = ""
         parts = name.split("/")
         for depth, part in enumerate(parts):
@@ -721,7 +733,8 @@ class FileSystem(pyfuse3.Operations):
             if parent is None:
                 return
             last = depth == len(parts) - 1
-            for entry in (part, part + "-pos") if last else (part,):
+            names = [part] + [part + suffix for suffix, _ in SUFFIXES] if last else [part]
+            for entry in names:
                 _quietly(pyfuse3.invalidate_entry, parent.ino, os.fsencode(entry))
             parent_path = _join(parent_path, part)
 

@@ -8,6 +8,7 @@ import pwd
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,29 @@ def test_permission_checks_apply_to_other_users(start_node: StartNode) -> None:
             assert refused.returncode != 0
         finally:
             node.cleanup()
+
+
+def test_opening_with_o_trunc_truncates(primary: NodeProcess) -> None:
+    notes = primary.mount_dir / "notes.txt"
+    notes.write_text("a longer first version\n")
+    notes.write_text("short\n")  # open(O_WRONLY | O_TRUNC) of an existing file
+    assert notes.read_text() == "short\n"
+    assert notes.stat().st_size == 6
+
+
+def test_database_deleted_with_its_journal_names_then_made_again(primary: NodeProcess) -> None:
+    """The kernel's cached entries for the deleted database's journal and
+    position file go with it, so SQLite can create them afresh."""
+    primary.sqlite("my.db", "PRAGMA journal_mode=PERSIST; CREATE TABLE t (x);")
+    assert (primary.mount_dir / "my.db-journal").exists()
+    (primary.mount_dir / "my.db").unlink()
+    primary.sqlite(
+        "my.db", "PRAGMA journal_mode=PERSIST; CREATE TABLE u (x); INSERT INTO u VALUES (1);"
+    )
+    assert primary.sqlite("my.db", "SELECT count(*) FROM u;").stdout.strip() == "1"
+    assert (primary.mount_dir / "my.db-pos").read_text().startswith("0000000000000002/")
+    (primary.mount_dir / "my.db").unlink()
+    deadline = time.monotonic() + 2
+    while (primary.mount_dir / "my.db-journal").exists():
+        assert time.monotonic() < deadline, "the journal's name outlived its database"
+        time.sleep(0.01)
