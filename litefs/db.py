@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from litefs import ltx
-from litefs.capture import NO_CRASH, CrashPoints, WouldBlock
+from litefs.capture import NO_CRASH, SMALL_TRANSACTION, CrashPoints, WouldBlock
 from litefs.capture.rollback import RollbackJournal, journal_is_hot
 from litefs.capture.wal import SharedMemory, WriteAheadLog
 
@@ -71,17 +71,6 @@ class ReadOnlyError(DatabaseError):
 
 class NotPermitted(DatabaseError):
     """An operation that would break a database's replicated history."""
-
-
-class UnsupportedJournalMode(DatabaseError):
-    """SQLite tried to change the database outside a rollback journal."""
-
-    def __init__(self, name: str, mode: str) -> None:
-        super().__init__(
-            f"database {name}: journal mode {mode} is not supported; "
-            "use DELETE, TRUNCATE or PERSIST"
-        )
-        self.mode = mode
 
 
 class PositionMismatch(DatabaseError):
@@ -146,6 +135,12 @@ class MainFile:
     def remove_blocks(self) -> bool:
         return False
 
+    def settle(self, wait: bool = True) -> None:
+        self.db.settle_unjournaled(wait)
+
+    def settle_blocks(self) -> bool:
+        return self.db.settle_is_large()
+
 
 class Database:
     """A database directory `<data>/dbs/<name>/` and its in-memory state.
@@ -185,7 +180,8 @@ class Database:
         self.writable = True
         self.wal_mode = False
         """The committed header says WAL: the file is written by checkpoints."""
-        self.unsupported_mode: str | None = None
+        self._unjournaled = False
+        """Writes outside any transaction wait to be recorded."""
         self._checksums = array.array("Q")
         self._xor = 0
         self._dirty: set[int] = set()
@@ -255,10 +251,9 @@ class Database:
 
     def write(self, offset: int, data: bytes) -> int:
         """Write through to the database file, remembering the pages touched."""
-        if not self.journal.active:
-            if self._write_outside_transaction(offset, data):
-                return os.pwrite(self.fd, data, offset)
-        elif offset == 0 and self.content is not Content.PLAIN:
+        if not self.journal.active and self._write_outside_transaction(offset, data):
+            return os.pwrite(self.fd, data, offset)
+        if offset == 0 and self.content is not Content.PLAIN:
             self._check_page_one(data)
         written = os.pwrite(self.fd, data, offset)
         page_size = self._write_page_size
@@ -284,46 +279,52 @@ class Database:
         rolling_back = active and size == committed_size
         if not self.writable and not rolling_back:
             raise ReadOnlyError(f"database {self.name} is read-only on a replica")
-        if (
-            not active
-            and not self.wal_mode
-            and self.content is Content.SQLITE
-            and size != committed_size
-        ):
-            self._refuse("OFF or MEMORY")
+        if not active and not self.wal_mode and self.content is not Content.PLAIN:
+            self._unjournaled = True
         os.ftruncate(self.fd, size)
         self._size_changed = True
 
     def _write_outside_transaction(self, offset: int, data: bytes) -> bool:
         """Check a write no rollback journal covers; True when it changes no
-        content (a WAL checkpoint copying committed pages back)."""
+        content (a WAL checkpoint copying committed pages back). Any other
+        is recorded by `settle_unjournaled`."""
         self.check_writable()
         if self.wal_mode:
             return True
         content = self.content
         if content is Content.PLAIN:
             return False
-        if content is Content.SQLITE or (offset == 0 and data[:16] == SQLITE_MAGIC):
-            self._refuse("OFF or MEMORY")
-        self.content = Content.PLAIN
+        if content is Content.EMPTY and not (offset == 0 and data[:16] == SQLITE_MAGIC):
+            self.content = Content.PLAIN
+            return False
+        self._unjournaled = True
         return False
+
+    def settle_unjournaled(self, wait: bool = True) -> Position | None:
+        """Record the writes made outside any transaction, as one LTX file.
+
+        They come from a database file copied into the mount, from tools
+        that write a database directly, and from SQLite in journal modes
+        OFF and MEMORY, which keep no journal on disk: such a write can only
+        be known complete when the file is synced or closed, or when the
+        next transaction begins, which is when this runs.
+        """
+        if not self._unjournaled:
+            return None
+        with self.locked(wait):
+            if not self._unjournaled:
+                return None
+            self._unjournaled = False
+            return self.record_written_pages()
+
+    def settle_is_large(self) -> bool:
+        return self._unjournaled and self.written_bytes() > SMALL_TRANSACTION
 
     def _check_page_one(self, data: bytes) -> None:
         if data[:16] != SQLITE_MAGIC:
             return
         self.content = Content.SQLITE
         self._write_page_size = ltx.sqlite_page_size(data)
-
-    def _refuse(self, mode: str) -> None:
-        if self.unsupported_mode != mode:
-            self.unsupported_mode = mode
-            log.error(
-                "database %s: refusing a write in journal mode %s; "
-                "only DELETE, TRUNCATE, PERSIST and WAL are replicated",
-                self.name,
-                mode,
-            )
-        raise UnsupportedJournalMode(self.name, mode)
 
     def begin_transaction(self) -> None:
         """A rollback-journal transaction begins: track its writes afresh."""

@@ -44,7 +44,6 @@ from litefs.db import (
     DatabaseError,
     NotPermitted,
     ReadOnlyError,
-    UnsupportedJournalMode,
 )
 from litefs.store import InvalidName, Store
 
@@ -103,13 +102,16 @@ class Handle:
     """An open file: the node, its backing descriptor, and the object that
     owns the file (None for generated files)."""
 
-    __slots__ = ("fd", "file", "node", "pid")
+    __slots__ = ("fd", "file", "node", "pid", "writable")
 
-    def __init__(self, node: Inode, fd: int, file: SQLiteFile | None, pid: int) -> None:
+    def __init__(
+        self, node: Inode, fd: int, file: SQLiteFile | None, pid: int, writable: bool
+    ) -> None:
         self.node = node
         self.fd = fd
         self.file = file
         self.pid = pid
+        self.writable = writable
 
 
 class DirectoryListing:
@@ -548,7 +550,8 @@ class FileSystem(pyfuse3.Operations):
                 fd = os.open(self._backing(node), access | os.O_CLOEXEC)
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(node, fd, file, ctx.pid)
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        self._handles[fh] = Handle(node, fd, file, ctx.pid, writable)
         node.opens += 1
         return fh
 
@@ -582,6 +585,9 @@ class FileSystem(pyfuse3.Operations):
         assert isinstance(handle, Handle)
         if handle.fd >= 0:
             with _as_fuse_errors():
+                file = handle.file
+                if file is not None:
+                    await _carry_out(file.settle_blocks(), file.settle)
                 if datasync:
                     os.fdatasync(handle.fd)
                 else:
@@ -591,6 +597,12 @@ class FileSystem(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if not isinstance(handle, Handle):
             return
+        file = handle.file
+        if file is not None and handle.writable:
+            try:
+                await _carry_out(file.settle_blocks(), file.settle)
+            except (DatabaseError, OSError) as exc:
+                log.error("%s: writes made outside a transaction not recorded: %s", file.path, exc)
         if handle.fd >= 0:
             os.close(handle.fd)
         node = handle.node
@@ -724,19 +736,24 @@ class FileSystem(pyfuse3.Operations):
 
     def _invalidate_names(self, name: str) -> None:
         """Drop cached lookups (negative ones too) of a database, its
-        journal, WAL, shared memory and position files, and any directory
-        on its path."""
+        journal, WAL, shared memory and position files, and of directories
+        on its path that the kernel can only know as missing. A directory
+        the kernel knows to exist keeps its entry: dropping it would leave
+        the processes working in it with a deleted working directory."""
         parent_path = ""
         parts = name.split("/")
         for depth, part in enumerate(parts):
             parent = self._paths.get(parent_path)
             if parent is None:
                 return
-            last = depth == len(parts) - 1
-            names = [part] + [part + suffix for suffix, _ in SUFFIXES] if last else [part]
+            path = _join(parent_path, part)
+            if depth == len(parts) - 1:
+                names = [part] + [part + suffix for suffix, _ in SUFFIXES]
+            else:
+                names = [] if path in self._paths else [part]
             for entry in names:
                 _quietly(pyfuse3.invalidate_entry, parent.ino, os.fsencode(entry))
-            parent_path = _join(parent_path, part)
+            parent_path = path
 
     def open_handles(self) -> list[tuple[str, int]]:
         """(path, pid) of every file applications still hold open."""
@@ -782,7 +799,7 @@ def _sync_directories(paths: list[Path]) -> None:
 def _fuse_error_for(exc: DatabaseError) -> pyfuse3.FUSEError:
     if isinstance(exc, ReadOnlyError):
         return _error(errno.EROFS)
-    if isinstance(exc, (UnsupportedJournalMode, NotPermitted)):
+    if isinstance(exc, NotPermitted):
         return _error(errno.EPERM)
     return _error(errno.EIO)
 

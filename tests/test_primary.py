@@ -241,25 +241,33 @@ def test_restart_continues_the_txid_sequence(start_node: StartNode, tmp_path: Pa
 
 
 @pytest.mark.parametrize("mode", ["OFF", "MEMORY"])
-def test_unsupported_journal_modes_are_refused(primary: NodeProcess, mode: str) -> None:
+def test_journal_less_modes_are_recorded_when_the_database_is_synced(
+    primary: NodeProcess, tmp_path: Path, mode: str
+) -> None:
+    """OFF and MEMORY keep no journal on disk: a transaction is recorded when
+    SQLite syncs the database at its commit."""
     primary.sqlite("my.db", "CREATE TABLE t (x); INSERT INTO t VALUES (1);")
-    before = (primary.db_dir("my.db") / "database").read_bytes()
-    result = primary.sqlite(
-        "my.db", f"PRAGMA journal_mode={mode}; INSERT INTO t VALUES (2);", check=False
+    conn = sqlite3.connect(primary.mount_dir / "my.db", isolation_level=None)
+    conn.execute(f"PRAGMA journal_mode={mode}")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("INSERT INTO t VALUES (2)")
+    assert position_of(primary, "my.db")[0] == 3
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO t VALUES (3)")
+    conn.execute("ROLLBACK")
+    conn.execute("INSERT INTO t VALUES (4)")
+    assert position_of(primary, "my.db")[0] == 4
+    conn.close()
+    assert primary.sqlite("my.db", "SELECT group_concat(x) FROM t;").stdout.strip() == "1,2,4"
+    assert_history_rebuilds(primary, "my.db", tmp_path)
+
+
+def test_new_database_in_journal_mode_off(primary: NodeProcess, tmp_path: Path) -> None:
+    primary.sqlite(
+        "new.db", "PRAGMA journal_mode=OFF; CREATE TABLE t (x); INSERT INTO t VALUES (1);"
     )
-    assert result.returncode != 0
-    assert "disk I/O error" in result.stderr
-    assert (primary.db_dir("my.db") / "database").read_bytes() == before
-    assert position_of(primary, "my.db")[0] == 2
-    assert "journal mode OFF or MEMORY" in primary.log()
-    assert primary.sqlite("my.db", "SELECT count(*) FROM t;").stdout.strip() == "1"
-
-
-def test_new_database_in_unsupported_mode_is_never_written(primary: NodeProcess) -> None:
-    result = primary.sqlite("new.db", "PRAGMA journal_mode=OFF; CREATE TABLE t (x);", check=False)
-    assert result.returncode != 0
-    assert (primary.db_dir("new.db") / "database").stat().st_size == 0
-    assert primary.ltx_files("new.db") == []
+    assert primary.ltx_files("new.db")
+    assert_history_rebuilds(primary, "new.db", tmp_path)
 
 
 def test_plain_files_are_local_and_not_replicated(primary: NodeProcess) -> None:
@@ -272,12 +280,31 @@ def test_plain_files_are_local_and_not_replicated(primary: NodeProcess) -> None:
     assert (primary.mount_dir / "notes.txt-pos").read_text().startswith("0000000000000000/")
 
 
-def test_copying_a_database_in_is_refused(primary: NodeProcess, tmp_path: Path) -> None:
+def test_database_copied_in_is_recorded_once_closed(primary: NodeProcess, tmp_path: Path) -> None:
     source = tmp_path / "outside.db"
     conn = sqlite3.connect(source)
     conn.execute("CREATE TABLE t (x)")
+    conn.executemany("INSERT INTO t VALUES (?)", [(b"x" * 5000,)] * 100)
     conn.commit()
     conn.close()
-    with pytest.raises(OSError):
-        shutil.copyfile(source, primary.mount_dir / "copied.db")
-    assert primary.ltx_files("copied.db") == []
+    shutil.copyfile(source, primary.mount_dir / "copied.db")
+    assert primary.sqlite("copied.db", "SELECT count(*) FROM t;").stdout.strip() == "100"
+    primary.sqlite("copied.db", "INSERT INTO t VALUES (1);")
+    assert [p.name for p in primary.ltx_files("copied.db")] == [
+        "0000000000000001-0000000000000001.ltx",
+        "0000000000000002-0000000000000002.ltx",
+    ]
+    assert_history_rebuilds(primary, "copied.db", tmp_path)
+
+
+def test_database_copied_over_a_replicated_one(primary: NodeProcess, tmp_path: Path) -> None:
+    primary.sqlite("my.db", "CREATE TABLE old (x); INSERT INTO old VALUES (1);")
+    source = tmp_path / "outside.db"
+    conn = sqlite3.connect(source)
+    conn.execute("CREATE TABLE new (x)")
+    conn.commit()
+    conn.close()
+    shutil.copyfile(source, primary.mount_dir / "my.db")  # open(O_TRUNC), then writes
+    assert primary.sqlite("my.db", "SELECT name FROM sqlite_schema;").stdout.strip() == "new"
+    assert position_of(primary, "my.db")[0] == 3
+    assert_history_rebuilds(primary, "my.db", tmp_path)

@@ -61,6 +61,13 @@ class SQLiteFile(Protocol):
 
     def remove_blocks(self) -> bool: ...
 
+    def settle(self, wait: bool = True) -> None:
+        """Record what was written outside any transaction; the mount calls
+        it when a writer syncs or closes the file."""
+        ...
+
+    def settle_blocks(self) -> bool: ...
+
 
 class WouldBlock(Exception):
     """The operation would wait for a database's lock: run it in a worker

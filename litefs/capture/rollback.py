@@ -44,6 +44,8 @@ class RollbackJournal:
         self.db.check_writable()
 
     def write_blocks(self, offset: int, data: bytes) -> bool:
+        if offset == 0 and data[:8] == JOURNAL_MAGIC:
+            return self.db.settle_is_large()
         return self._write_commits(offset, data) and self._large()
 
     def truncate_blocks(self, size: int) -> bool:
@@ -51,6 +53,12 @@ class RollbackJournal:
 
     def remove_blocks(self) -> bool:
         return self.active and self._large()
+
+    def settle(self, wait: bool = True) -> None:
+        return None
+
+    def settle_blocks(self) -> bool:
+        return False
 
     def _write_commits(self, offset: int, data: bytes) -> bool:
         """PERSIST ends a transaction by zeroing the header's magic."""
@@ -64,7 +72,7 @@ class RollbackJournal:
     def write(self, fd: int, offset: int, data: bytes, wait: bool = True) -> int:
         if offset == 0 and len(data) >= 8:
             if data[:8] == JOURNAL_MAGIC:
-                self._begin()
+                self._begin(wait)
             elif self._write_commits(offset, data):
                 return self._commit_then(lambda: os.pwrite(fd, data, offset), wait)
         return os.pwrite(fd, data, offset)
@@ -83,11 +91,13 @@ class RollbackJournal:
 
     # -- transactions ------------------------------------------------------
 
-    def _begin(self) -> None:
+    def _begin(self, wait: bool) -> None:
         """A transaction may go on after the node stepped down (to roll
-        back), but none may begin."""
+        back), but none may begin. Writes made outside any transaction
+        before it are recorded first, as their own."""
         if not self.active:
             self.db.check_writable()
+            self.db.settle_unjournaled(wait)
             self.db.begin_transaction()
         self.active = True
 

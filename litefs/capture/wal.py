@@ -81,6 +81,12 @@ class WriteAheadLog:
     def remove_blocks(self) -> bool:
         return True
 
+    def settle(self, wait: bool = True) -> None:
+        return None
+
+    def settle_blocks(self) -> bool:
+        return False
+
     # -- file operations ---------------------------------------------------
 
     def write(self, fd: int, offset: int, data: bytes, wait: bool = True) -> int:
@@ -220,6 +226,7 @@ class WriteAheadLog:
         page_size = chain.header.page_size
         commit = frames[-1].commit
         latest = {f.pgno: f.data_offset for f in frames if f.pgno <= commit}
+        db.settle_unjournaled()
         read_page = self._page_reader(fd, page_size, latest)
         snapshot = db.position.txid == 0 or page_size != db.page_size
         if snapshot:
@@ -387,6 +394,12 @@ class SharedMemory:
         os.unlink(self.path)
 
     def remove_blocks(self) -> bool:
+        return False
+
+    def settle(self, wait: bool = True) -> None:
+        return None
+
+    def settle_blocks(self) -> bool:
         return False
 
 
