@@ -123,7 +123,11 @@ class LocalNode:
                 raise RuntimeError(
                     f"{self.name} exited with status {self.process.returncode}:\n{self.log()}"
                 )
-            if is_mounted(self.mount_dir) and responds(self.mount_dir):
+            # ismount() fails for a plain directory and for a stale mount;
+            # ismount() is false for a plain directory and a stale mount alike:
+            # is_mounted() then responds() could see a stale mount, then the
+            # directory under it once a new daemon has cleared it.
+            if os.path.ismount(self.mount_dir) and responds(self.mount_dir):
                 return
             time.sleep(0.02)
         raise RuntimeError(f"{self.name} did not mount within {timeout}s:\n{self.log()}")

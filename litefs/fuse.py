@@ -395,7 +395,9 @@ class FileSystem(pyfuse3.Operations):
                 continue
             entries.append((os.fsencode(entry.name), self._node_for(path, Kind.DATABASE, path)))
             for suffix, kind in SUFFIXES:
-                if kind is Kind.POSITION or os.path.exists(
+                # `-pos` is found by name but not listed, so that copying
+                # `my.db*` copies SQLite's files and no generated one.
+                if kind is not Kind.POSITION and os.path.exists(
                     os.path.join(entry.path, BACKING_NAMES[kind])
                 ):
                     name = entry.name + suffix
