@@ -123,7 +123,6 @@ class LocalNode:
                 raise RuntimeError(
                     f"{self.name} exited with status {self.process.returncode}:\n{self.log()}"
                 )
-            # ismount() fails for a plain directory and for a stale mount;
             # ismount() is false for a plain directory and a stale mount alike:
             # is_mounted() then responds() could see a stale mount, then the
             # directory under it once a new daemon has cleared it.
