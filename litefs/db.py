@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from litefs import ltx
-from litefs.capture import NO_CRASH, SMALL_TRANSACTION, CrashPoints, WouldBlock
+from litefs.capture import NO_CRASH, CrashPoints, WouldBlock
 from litefs.capture.rollback import RollbackJournal, journal_is_hot
 from litefs.capture.wal import SharedMemory, WriteAheadLog
 
@@ -137,9 +137,6 @@ class MainFile:
 
     def settle(self, wait: bool = True) -> None:
         self.db.settle_unjournaled(wait)
-
-    def settle_blocks(self) -> bool:
-        return self.db.settle_is_large()
 
 
 class Database:
@@ -316,9 +313,6 @@ class Database:
                 return None
             self._unjournaled = False
             return self.record_written_pages()
-
-    def settle_is_large(self) -> bool:
-        return self._unjournaled and self.written_bytes() > SMALL_TRANSACTION
 
     def _check_page_one(self, data: bytes) -> None:
         if data[:16] != SQLITE_MAGIC:

@@ -574,6 +574,9 @@ class FileSystem(pyfuse3.Operations):
             raise _fuse_error_for(exc) from None
         except OSError as exc:
             raise _error(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("write to %s failed", handle.node.path)
+            raise _error(errno.EIO) from None
 
     async def flush(self, fh: int) -> None:
         # ENOSYS tells the kernel never to send FLUSH again: one request less per close.
@@ -589,7 +592,7 @@ class FileSystem(pyfuse3.Operations):
             with _as_fuse_errors():
                 file = handle.file
                 if file is not None:
-                    await _carry_out(file.settle_blocks(), file.settle)
+                    file.settle()
                 if datasync:
                     os.fdatasync(handle.fd)
                 else:
@@ -601,9 +604,11 @@ class FileSystem(pyfuse3.Operations):
             return
         file = handle.file
         if file is not None and handle.writable:
+            # On the event loop, so that no other operation on the file can
+            # interleave; an error here must not end the mount's session.
             try:
-                await _carry_out(file.settle_blocks(), file.settle)
-            except (DatabaseError, OSError) as exc:
+                file.settle()
+            except Exception as exc:
                 log.error("%s: writes made outside a transaction not recorded: %s", file.path, exc)
         if handle.fd >= 0:
             os.close(handle.fd)
@@ -825,3 +830,8 @@ class _as_fuse_errors:
             raise _error(errno.EINVAL) from None
         if isinstance(exc, KeyError):
             raise _error(errno.ENOENT) from None
+        if isinstance(exc, Exception):
+            # A handler's exception other than FUSEError ends pyfuse3's
+            # session, and with it the mount: report it, answer EIO.
+            log.error("file operation failed", exc_info=exc)
+            raise _error(errno.EIO) from None

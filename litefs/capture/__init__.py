@@ -66,8 +66,6 @@ class SQLiteFile(Protocol):
         it when a writer syncs or closes the file."""
         ...
 
-    def settle_blocks(self) -> bool: ...
-
 
 class WouldBlock(Exception):
     """The operation would wait for a database's lock: run it in a worker

@@ -44,8 +44,6 @@ class RollbackJournal:
         self.db.check_writable()
 
     def write_blocks(self, offset: int, data: bytes) -> bool:
-        if offset == 0 and data[:8] == JOURNAL_MAGIC:
-            return self.db.settle_is_large()
         return self._write_commits(offset, data) and self._large()
 
     def truncate_blocks(self, size: int) -> bool:
@@ -56,9 +54,6 @@ class RollbackJournal:
 
     def settle(self, wait: bool = True) -> None:
         return None
-
-    def settle_blocks(self) -> bool:
-        return False
 
     def _write_commits(self, offset: int, data: bytes) -> bool:
         """PERSIST ends a transaction by zeroing the header's magic."""

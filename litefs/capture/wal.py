@@ -84,9 +84,6 @@ class WriteAheadLog:
     def settle(self, wait: bool = True) -> None:
         return None
 
-    def settle_blocks(self) -> bool:
-        return False
-
     # -- file operations ---------------------------------------------------
 
     def write(self, fd: int, offset: int, data: bytes, wait: bool = True) -> int:
@@ -398,9 +395,6 @@ class SharedMemory:
 
     def settle(self, wait: bool = True) -> None:
         return None
-
-    def settle_blocks(self) -> bool:
-        return False
 
 
 def _group(frames: list[Frame]) -> list[list[Frame]]:
