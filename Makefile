@@ -1,13 +1,15 @@
 # make run   installs everything and starts a two-node LiteFS cluster on this machine
 # make test  installs everything and runs lint, type checks and the whole test suite
 # make bench runs the benchmark suite (prints ratios against a plain directory)
+# make sqlite-tests builds SQLite's testfixture and runs its TCL tests in a mount
+#   (docs/sqlite-tests.md; SQLITE_TESTS_ARGS="pager1 wal" picks files)
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck pytest bench clean
+.PHONY: install run test lint typecheck pytest bench sqlite-tests clean
 
 install: $(STAMP)
 
@@ -35,6 +37,9 @@ test: lint typecheck pytest
 
 bench: install
 	$(PY) -m bench
+
+sqlite-tests: install
+	scripts/sqlite-tests $(SQLITE_TESTS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -276,7 +276,12 @@ class Database:
         rolling_back = active and size == committed_size
         if not self.writable and not rolling_back:
             raise ReadOnlyError(f"database {self.name} is read-only on a replica")
-        if not active and not self.wal_mode and self.content is not Content.PLAIN:
+        if (
+            not active
+            and not self.wal_mode
+            and self.content is not Content.PLAIN
+            and size != committed_size
+        ):
             self._unjournaled = True
         os.ftruncate(self.fd, size)
         self._size_changed = True
