@@ -3,9 +3,6 @@ their connections open in WAL mode, whole or not at all."""
 
 from __future__ import annotations
 
-import sqlite3
-import threading
-
 import pytest
 from node_process import NodeProcess
 from test_replication import position, wait_caught_up
@@ -87,47 +84,3 @@ def test_switching_to_wal_and_back_replicates(pair: tuple[NodeProcess, NodeProce
     held.close()
     assert replica.sqlite("my.db", "SELECT count(*) FROM t;").stdout.strip() == "3"
     replica_checksum_matches(replica, "my.db")
-
-
-def test_replica_wal_readers_never_see_a_partial_transaction(
-    pair: tuple[NodeProcess, NodeProcess],
-) -> None:
-    primary, replica = pair
-    accounts = 20
-    writer = connect(primary, "bank.db", journal_mode="WAL", synchronous="NORMAL")
-    writer.execute("CREATE TABLE account (id INTEGER PRIMARY KEY, balance INTEGER)")
-    writer.executemany("INSERT INTO account VALUES (?, 100)", [(i,) for i in range(accounts)])
-    wait_caught_up(primary, replica, "bank.db")
-    stop = threading.Event()
-    sums: list[int] = []
-    failures: list[BaseException] = []
-
-    def read() -> None:
-        try:
-            conn = sqlite3.connect(replica.mount_dir / "bank.db", timeout=30, isolation_level=None)
-            while not stop.is_set():
-                sums.append(conn.execute("SELECT sum(balance) FROM account").fetchone()[0])
-            conn.close()
-        except BaseException as exc:
-            failures.append(exc)
-
-    readers = [threading.Thread(target=read) for _ in range(3)]
-    for thread in readers:
-        thread.start()
-    try:
-        for i in range(1000):
-            a, b = i % accounts, (i * 7 + 3) % accounts
-            writer.execute("BEGIN")
-            writer.execute("UPDATE account SET balance = balance - 5 WHERE id = ?", (a,))
-            writer.execute("UPDATE account SET balance = balance + 5 WHERE id = ?", (b,))
-            writer.execute("COMMIT")
-        wait_caught_up(primary, replica, "bank.db")
-        replica_checksum_matches(replica, "bank.db")
-    finally:
-        stop.set()
-        for thread in readers:
-            thread.join(60)
-        writer.close()
-    assert not failures
-    assert len(sums) > 100
-    assert set(sums) == {100 * accounts}
