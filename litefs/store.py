@@ -317,32 +317,48 @@ class Store:
         may look again.
         """
         check_name(name)
-        created = False
         with self._lock:
             if self.is_primary:
                 raise NotPermitted(f"refusing to apply {name}: this node is the primary")
             db = self._dbs.get(name)
         if db is None:
-            with open(path, "rb") as f:  # nothing is created for a file that fails
-                verified = ltx.verify(f)
-            with self._lock:
-                if not verified[0].is_snapshot:
-                    raise PositionMismatch(
-                        f"database {name}: a new database must start with a snapshot, "
-                        f"got TXIDs {verified[0].min_txid}-{verified[0].max_txid}"
-                    )
-                db = Database.create(name, self.path_of(name), crash=self.crash, events=self)
-                db.writable = False
-                self._dbs[name] = db
-                created = True
-        lock = self._sqlite_lock(name) if not created else None
-        try:
+            position = self._create_from(name, path)
+        else:
+            lock = self._sqlite_lock(name)
             position = db.apply_ltx(path, self._exclusive(db, lock))
-        finally:
-            if created:
-                self.observer.database_created(name)
         self._notify(name)
         return position
+
+    def _create_from(self, name: str, path: Path) -> Position:
+        """A database the replica does not have yet, made from a snapshot
+        aside and moved into place whole: no reader ever sees it empty."""
+        with open(path, "rb") as f:  # nothing is created for a file that fails
+            header, _ = ltx.verify(f)
+        if not header.is_snapshot:
+            raise PositionMismatch(
+                f"database {name}: a new database must start with a snapshot, "
+                f"got TXIDs {header.min_txid}-{header.max_txid}"
+            )
+        staging = self.tmp_dir / f"new-{threading.get_ident()}-{time.monotonic_ns()}"
+        try:
+            made = Database.create(name, staging, crash=self.crash, events=self)
+            made.writable = False
+            try:
+                made.apply_ltx(path, contextlib.nullcontext())
+            finally:
+                made.close()
+            with self._lock:
+                final = self.path_of(name)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(staging, final)
+                db = self._database(name, final)
+                db.open()
+                db.writable = False
+                self._dbs[name] = db
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.observer.database_created(name)
+        return db.position
 
     @contextlib.contextmanager
     def _exclusive(self, db: Database, lock: DatabaseLock | None) -> Iterator[None]:
