@@ -581,6 +581,7 @@ class Database:
             if self.journal.is_hot():
                 self._settle_hot_journal()
             self._load_checksums()
+            self._remove_stale_wal_index()
             self.wal.recover()
             if self.position.txid and self.checksum != self.position.checksum:
                 self._capture_unrecorded_state()
@@ -592,6 +593,13 @@ class Database:
                 and os.fstat(self.fd).st_size > committed_size
             ):
                 os.ftruncate(self.fd, committed_size)
+
+    def _remove_stale_wal_index(self) -> None:
+        """Nothing can have `-shm` open before the mount exists, and what it
+        holds may be an old index (its last pages lived in the mappings of
+        processes that are gone): without it, the first connection builds
+        the index again from the WAL itself."""
+        self.shm.path.unlink(missing_ok=True)
 
     def _last_good_position(self) -> Position:
         for _min_txid, max_txid, path in reversed(self.ltx_files()):
