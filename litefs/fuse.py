@@ -27,6 +27,7 @@ import contextlib
 import errno
 import logging
 import os
+import secrets
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -144,7 +145,7 @@ class FileSystem(pyfuse3.Operations):
         self._nodes: dict[int, Inode] = {}
         self._paths: dict[str, Inode] = {}
         self._handles: dict[int, Handle | DirectoryListing] = {}
-        self._next_ino = pyfuse3.ROOT_INODE + 1
+        self._next_ino = _first_inode_number()
         self._next_fh = 1
         root = Inode(pyfuse3.ROOT_INODE, Kind.DIRECTORY, "", "")
         root.lookups = 1
@@ -780,6 +781,18 @@ async def _carry_out(blocks: bool, operation: Callable[..., T], *args: object) -
         except WouldBlock:
             pass
     return await trio.to_thread.run_sync(operation, *args)
+
+
+def _first_inode_number() -> int:
+    """Where this mount's inode numbers start: somewhere new each time.
+
+    SQLite recognises a file by device and inode number, process-wide, and
+    shares its locks and WAL index between the connections to it. A mount's
+    device number is reused once an old mount is gone; were inode numbers
+    reused too, a process still holding connections from before a daemon's
+    restart would take a new database for the old one.
+    """
+    return pyfuse3.ROOT_INODE + 1 + (secrets.randbits(40) << 12)
 
 
 def _is_own_thread(pid: int) -> bool:
