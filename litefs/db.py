@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from litefs import ltx
-from litefs.capture import NO_CRASH, CrashPoints, WouldBlock
+from litefs.capture import NO_CRASH, CrashPoints, WouldBlock, read_page_at
 from litefs.capture.rollback import RollbackJournal, journal_is_hot
 from litefs.capture.wal import SharedMemory, WriteAheadLog
 
@@ -188,13 +188,21 @@ class Database:
     # -- life cycle -------------------------------------------------------
 
     @classmethod
-    def create(cls, name: str, path: Path, mode: int = 0o644, **kwargs: object) -> Database:
+    def create(
+        cls,
+        name: str,
+        path: Path,
+        mode: int = 0o644,
+        *,
+        crash: CrashPoints = NO_CRASH,
+        events: CommitEvents | None = None,
+    ) -> Database:
         """Lay out a new, empty database directory and open it."""
         path.mkdir(parents=True, exist_ok=False)
         (path / "ltx").mkdir()
         fd = os.open(path / "database", os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
         os.close(fd)
-        db = cls(name, path, **kwargs)  # type: ignore[arg-type]
+        db = cls(name, path, crash=crash, events=events)
         db.open()
         return db
 
@@ -691,8 +699,8 @@ class Database:
         page_size = self.page_size
         data = self.wal.read_page(pgno, page_size)
         if data is None:
-            data = os.pread(self.fd, page_size, (pgno - 1) * page_size)
-        return data if len(data) == page_size else data.ljust(page_size, b"\0")
+            data = read_page_at(self.fd, page_size, (pgno - 1) * page_size)
+        return data
 
     def copy_checksums(self) -> array.array[int]:
         with self.lock:

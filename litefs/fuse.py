@@ -208,10 +208,7 @@ class FileSystem(pyfuse3.Operations):
         return self.dbs_dir / node.db_name / BACKING_NAMES[kind]
 
     def _database(self, node: Inode) -> Database:
-        db = self.store.database(node.db_name)
-        if db is None:
-            raise _error(errno.ENOENT)
-        return db
+        return self._database_named(node.db_name)
 
     def _database_named(self, name: str) -> Database:
         db = self.store.database(name)

@@ -158,19 +158,26 @@ class FrameChain:
         self.end = frame.offset + self.header.frame_size
 
 
-def transactions(chain: FrameChain, data: bytes | memoryview) -> list[list[Frame]]:
-    """The committed transactions in `data` (from `chain.end`), each a list of
-    frames ending in its commit frame; frames after the last commit are left
-    out. The chain is advanced past the last commit frame."""
+def group(frames: list[Frame]) -> list[list[Frame]]:
+    """Valid frames as transactions, each ending in its commit frame; frames
+    after the last commit belong to none."""
     result: list[list[Frame]] = []
     current: list[Frame] = []
-    for frame in chain.validate(data):
+    for frame in frames:
         current.append(frame)
         if frame.commit:
             result.append(current)
             current = []
-            chain.advance(frame)
     return result
+
+
+def transactions(chain: FrameChain, data: bytes | memoryview) -> list[list[Frame]]:
+    """The committed transactions in `data` (from `chain.end`); the chain is
+    advanced past the last commit frame."""
+    found = group(chain.validate(data))
+    if found:
+        chain.advance(found[-1][-1])
+    return found
 
 
 @lru_cache(maxsize=32)

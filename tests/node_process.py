@@ -7,6 +7,7 @@ broken test never leaves a mount or a process behind.
 
 from __future__ import annotations
 
+import io
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -64,13 +65,9 @@ class NodeProcess(LocalNode):
         if not data:
             return ltx.CHECKSUM_FLAG
         page_size = ltx.sqlite_page_size(data)
-        lock = ltx.lock_page(page_size)
-        xor = 0
-        for pgno in range(1, len(data) // page_size + 1):
-            if pgno != lock:
-                page = data[(pgno - 1) * page_size : pgno * page_size]
-                xor ^= ltx.page_checksum(pgno, page)
-        return xor | ltx.CHECKSUM_FLAG
+        return ltx.checksum_of(
+            ltx.page_checksums(io.BytesIO(data), page_size, len(data) // page_size)
+        )
 
     def sqlite(self, db: str, sql: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run the real `sqlite3` shell on a database in the mount."""

@@ -111,3 +111,10 @@ def _exit(step: str) -> None:
 
 
 NO_CRASH = CrashPoints()
+
+
+def read_page_at(fd: int, page_size: int, offset: int) -> bytes:
+    """A page read from `offset`, with zeros for whatever lies past the end
+    of the file (a database file may be shorter than its WAL says)."""
+    data = os.pread(fd, page_size, offset)
+    return data if len(data) == page_size else data.ljust(page_size, b"\0")

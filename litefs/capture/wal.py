@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from litefs import ltx
-from litefs.capture import SMALL_TRANSACTION, CrashPoints
+from litefs.capture import SMALL_TRANSACTION, CrashPoints, read_page_at
 from litefs.walfile import (
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
     Frame,
     FrameChain,
     WalFormatError,
+    group,
     is_commit_header,
     parse_header,
 )
@@ -109,11 +110,11 @@ class WriteAheadLog:
 
     def truncate(self, size: int, wait: bool = True) -> None:
         with self.db.locked(wait):
-            chain = self.chain
-            if chain is not None and size < chain.end:
+            cuts_frames = self.chain is not None and size < self.chain.end
+            if cuts_frames:
                 self._before_frames_are_lost()
             os.truncate(self.path, size)
-            if chain is not None and size < chain.end:
+            if cuts_frames:
                 self._forget()
             for offset in [c for c in self._commits if c >= size]:
                 del self._commits[offset]
@@ -222,9 +223,9 @@ class WriteAheadLog:
         db = self.db
         page_size = chain.header.page_size
         commit = frames[-1].commit
-        latest = {f.pgno: f.data_offset for f in frames if f.pgno <= commit}
+        latest = _committed_pages(frames)
         db.settle_unjournaled()
-        read_page = self._page_reader(fd, page_size, latest)
+        read_page = _page_reader(fd, db.fd, page_size, latest, self.pages)
         snapshot = db.position.txid == 0 or page_size != db.page_size
         if snapshot:
             pages: range | list[int] = range(1, commit + 1)
@@ -232,26 +233,7 @@ class WriteAheadLog:
             grown = range(db.page_count + 1, commit + 1)
             pages = sorted(set(latest).union(grown))
         db.record_transaction(pages, commit, page_size, read_page, snapshot=snapshot, durable=False)
-        self.pages.update(latest)
-        for pgno in [p for p in self.pages if p > commit]:
-            del self.pages[pgno]
-
-    def _page_reader(
-        self, fd: int, page_size: int, latest: dict[int, int]
-    ) -> Callable[[int], bytes]:
-        committed = self.pages
-        db_fd = self.db.fd
-
-        def read_page(pgno: int) -> bytes:
-            offset = latest.get(pgno)
-            if offset is None:
-                offset = committed.get(pgno)
-            if offset is not None:
-                return os.pread(fd, page_size, offset)
-            data = os.pread(db_fd, page_size, (pgno - 1) * page_size)
-            return data if len(data) == page_size else data.ljust(page_size, b"\0")
-
-        return read_page
+        _overlay(self.pages, latest, commit)
 
     def read_page(self, pgno: int, page_size: int) -> bytes | None:
         """The page's committed content if the log holds it, else None."""
@@ -263,13 +245,14 @@ class WriteAheadLog:
 
     def overlay(self, target: Path, page_size: int) -> None:
         """Write the pages the WAL holds over a copy of the database file."""
-        if not self.pages:
-            return
-        with open(self.path, "rb") as wal, open(target, "r+b") as out:
-            for pgno, offset in self.pages.items():
-                os.pwrite(
-                    out.fileno(), os.pread(wal.fileno(), page_size, offset), (pgno - 1) * page_size
-                )
+        if self.pages:
+            with open(target, "r+b") as out:
+                self._copy_pages(out.fileno(), page_size)
+
+    def _copy_pages(self, out: int, page_size: int) -> None:
+        with open(self.path, "rb") as wal:
+            for pgno, offset in sorted(self.pages.items()):
+                os.pwrite(out, os.pread(wal.fileno(), page_size, offset), (pgno - 1) * page_size)
 
     # -- start-up and replicas ---------------------------------------------
 
@@ -294,7 +277,7 @@ class WriteAheadLog:
         except WalFormatError:
             return
         chain = FrameChain(header)
-        transactions = _group(chain.validate(memoryview(data)[HEADER_SIZE:]))
+        transactions = group(chain.validate(memoryview(data)[HEADER_SIZE:]))
         self.chain = chain
         if not transactions:
             return
@@ -317,7 +300,9 @@ class WriteAheadLog:
                     db.name,
                     position.txid,
                 )
-                db.record_current_state(db.read_page)
+                db.record_current_state(
+                    _page_reader(f.fileno(), db.fd, header.page_size, self.pages)
+                )
                 return
             index, checksums = matched
             self._accept(transactions[: index + 1])
@@ -337,12 +322,7 @@ class WriteAheadLog:
         chain = self.chain
         assert chain is not None
         for frames in transactions:
-            commit = frames[-1].commit
-            for frame in frames:
-                if frame.pgno <= commit:
-                    self.pages[frame.pgno] = frame.data_offset
-            for pgno in [p for p in self.pages if p > commit]:
-                del self.pages[pgno]
+            _overlay(self.pages, _committed_pages(frames), frames[-1].commit)
             chain.advance(frames[-1])
 
     def checkpoint(self) -> None:
@@ -351,13 +331,8 @@ class WriteAheadLog:
         a former primary's log cannot hide what it applies."""
         db = self.db
         if self.pages:
-            page_size = db.page_size
-            with open(self.path, "rb") as f:
-                for pgno, offset in sorted(self.pages.items()):
-                    os.pwrite(
-                        db.fd, os.pread(f.fileno(), page_size, offset), (pgno - 1) * page_size
-                    )
-            os.ftruncate(db.fd, db.page_count * page_size)
+            self._copy_pages(db.fd, db.page_size)
+            os.ftruncate(db.fd, db.page_count * db.page_size)
         if self.path.exists():
             self._before_frames_are_lost()
             os.truncate(self.path, 0)
@@ -397,16 +372,34 @@ class SharedMemory:
         return None
 
 
-def _group(frames: list[Frame]) -> list[list[Frame]]:
-    """Valid frames as transactions, dropping frames after the last commit."""
-    result: list[list[Frame]] = []
-    current: list[Frame] = []
-    for frame in frames:
-        current.append(frame)
-        if frame.commit:
-            result.append(current)
-            current = []
-    return result
+def _committed_pages(frames: list[Frame]) -> dict[int, int]:
+    """Page number -> page offset of each page a transaction leaves in the
+    database (its latest frame; pages past the new size are gone)."""
+    commit = frames[-1].commit
+    return {f.pgno: f.data_offset for f in frames if f.pgno <= commit}
+
+
+def _overlay(pages: dict[int, int], latest: dict[int, int], commit: int) -> None:
+    """Bring a page map forward by one transaction."""
+    pages.update(latest)
+    for pgno in [p for p in pages if p > commit]:
+        del pages[pgno]
+
+
+def _page_reader(
+    wal_fd: int, db_fd: int, page_size: int, *maps: dict[int, int]
+) -> Callable[[int], bytes]:
+    """Reads a page from the WAL when one of `maps` (first match wins) holds
+    it, else from the database file."""
+
+    def read_page(pgno: int) -> bytes:
+        for pages in maps:
+            offset = pages.get(pgno)
+            if offset is not None:
+                return os.pread(wal_fd, page_size, offset)
+        return read_page_at(db_fd, page_size, (pgno - 1) * page_size)
+
+    return read_page
 
 
 class _Replay:
@@ -416,11 +409,9 @@ class _Replay:
     def __init__(self, db: Database, wal_fd: int, page_size: int) -> None:
         self.checksums = db.copy_checksums()
         self.xor = ltx.checksum_of(self.checksums)
-        self.db_fd = db.fd
-        self.wal_fd = wal_fd
-        self.page_size = page_size
         self.lock_pgno = ltx.lock_page(page_size)
         self.latest: dict[int, int] = {}
+        self._page = _page_reader(wal_fd, db.fd, page_size, self.latest)
 
     def matches(self, checksum: int) -> bool:
         return (self.xor | ltx.CHECKSUM_FLAG) == checksum
@@ -430,10 +421,8 @@ class _Replay:
         checksums = self.checksums
         while len(checksums) > commit:
             self.xor ^= checksums.pop()
-        touched = {f.pgno: f.data_offset for f in frames if f.pgno <= commit}
-        self.latest.update(touched)
-        for pgno in [p for p in self.latest if p > commit]:
-            del self.latest[pgno]
+        touched = _committed_pages(frames)
+        _overlay(self.latest, touched, commit)
         pages = set(touched).union(range(len(checksums) + 1, commit + 1))
         if len(checksums) < commit:
             checksums.extend([0] * (commit - len(checksums)))
@@ -443,11 +432,3 @@ class _Replay:
             value = ltx.page_checksum(pgno, self._page(pgno))
             self.xor ^= checksums[pgno - 1] ^ value
             checksums[pgno - 1] = value
-
-    def _page(self, pgno: int) -> bytes:
-        size = self.page_size
-        offset = self.latest.get(pgno)
-        if offset is not None:
-            return os.pread(self.wal_fd, size, offset)
-        data = os.pread(self.db_fd, size, (pgno - 1) * size)
-        return data if len(data) == size else data.ljust(size, b"\0")
