@@ -13,8 +13,7 @@ import pytest
 
 from litefs import ltx
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-GOLDEN = SHARED / "testdata" / "ltx" / "ps4096"
+GOLDEN = Path(__file__).resolve().parent / "data" / "ltx" / "ps4096"
 FILES = [GOLDEN / ltx.format_filename(n, n) for n in (1, 2, 3)]
 
 
@@ -38,7 +37,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
 
 @pytest.fixture
 def work(tmp_path: Path) -> Path:
-    """A scratch copy of the golden files, so nothing can ever write to shared/."""
+    """A scratch copy of the golden files, so a test can never change the reference files."""
     for path in GOLDEN.iterdir():
         shutil.copyfile(path, tmp_path / path.name)
     return tmp_path

@@ -22,8 +22,7 @@ import pytest
 from litefs import ltx
 from litefs.cli.ltx import format_timestamp
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-GOLDEN = SHARED / "testdata" / "ltx"
+GOLDEN = Path(__file__).resolve().parent / "data" / "ltx"
 SETS = ("ps1024", "ps4096", "ps65536")
 TXIDS = (1, 2, 3)
 TIMESTAMPS = {1: 1_700_000_000_001, 2: 1_700_000_000_002, 3: 1_700_000_000_003}
@@ -96,7 +95,7 @@ def db_pages(path: Path, page_size: int) -> dict[int, bytes]:
 
 
 def test_golden_files_are_present() -> None:
-    assert GOLDEN.is_dir(), f"golden LTX files missing: {GOLDEN} (shared/ must sit beside the repo)"
+    assert GOLDEN.is_dir(), f"golden LTX files missing: {GOLDEN} (tests/data/ltx is part of the repository)"
     for name in SETS:
         for n in TXIDS:
             assert ltx_path(name, n).is_file()
