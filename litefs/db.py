@@ -52,12 +52,21 @@ class CommitEvents(Protocol):
         """Called after each recorded transaction, from the recording thread."""
         ...
 
+    def pull_cached_pages(self, name: str) -> None:
+        """Have the kernel write back the pages of the database file it
+        caches and the daemon has not seen. Never called on the mount's
+        event loop, which serves those writes."""
+        ...
+
 
 class _Unobserved:
     def commit_allowed(self) -> bool:
         return True
 
     def committed(self, name: str) -> None:
+        return None
+
+    def pull_cached_pages(self, name: str) -> None:
         return None
 
 
@@ -136,6 +145,10 @@ class MainFile:
         return False
 
     def settle(self, wait: bool = True) -> None:
+        self.db.settle_unjournaled(wait)
+
+    def synced(self, wait: bool = True) -> None:
+        self.db.journal.database_was_synced()
         self.db.settle_unjournaled(wait)
 
 
@@ -316,8 +329,9 @@ class Database:
         They come from a database file copied into the mount, from tools
         that write a database directly, and from SQLite in journal modes
         OFF and MEMORY, which keep no journal on disk: such a write can only
-        be known complete when the file is synced or closed, or when the
-        next transaction begins, which is when this runs.
+        be known complete when the file is synced or closed, which is when
+        this runs; a journaled transaction ending first records them with
+        its own pages.
         """
         if not self._unjournaled:
             return None
@@ -333,10 +347,10 @@ class Database:
         self.content = Content.SQLITE
         self._write_page_size = ltx.sqlite_page_size(data)
 
-    def begin_transaction(self) -> None:
-        """A rollback-journal transaction begins: track its writes afresh."""
-        self._dirty.clear()
-        self._size_changed = False
+    def pull_cached_pages(self) -> None:
+        """Make sure the database file holds every page SQLite wrote, though
+        the kernel may still cache some (see `CommitEvents`)."""
+        self.events.pull_cached_pages(self.name)
 
     # -- recording transactions ---------------------------------------------
 
@@ -355,6 +369,7 @@ class Database:
             finally:
                 self._dirty.clear()
                 self._size_changed = False
+                self._unjournaled = False
 
     def _record_written_pages(self, timestamp: int | None) -> Position | None:
         size = os.fstat(self.fd).st_size

@@ -10,9 +10,14 @@ Names in the mount map onto the data directory like this:
 
 Every FUSE request costs tens of microseconds, so the kernel is told to cache
 as much as it safely can: long entry and attribute timeouts, cached negative
-lookups, and `keep_cache` on open files. That is safe because every change on
-a primary passes through the kernel; whatever the daemon changes behind its
-back (replication) is followed by an invalidation.
+lookups, `keep_cache` on open files, and writes (the writeback cache), which
+reach the daemon merged, when SQLite syncs or closes a file. That is safe
+because every change on a primary passes through the kernel; whatever the
+daemon changes behind its back (replication) is followed by an invalidation.
+The capture modules know when a commit needs pages the kernel still caches
+and have it write them back. The WAL alone bypasses the cache (`direct_io`):
+SQLite commits to it without syncing, and each commit must reach the daemon
+as it happens.
 
 This module decides nothing about replication: a file operation on one of
 a database's files goes to the object that owns that kind of file (the
@@ -54,6 +59,7 @@ T = TypeVar("T")
 ENTRY_TIMEOUT = 3600.0
 ATTR_TIMEOUT = 3600.0
 VIRTUAL_FILE_MODE = stat.S_IFREG | 0o444
+CACHE_PAGE_SIZE = 4096
 
 
 class Kind(Enum):
@@ -135,7 +141,7 @@ class FileSystem(pyfuse3.Operations):
     """pyfuse3 operations over a `Store`."""
 
     supports_dot_lookup = False
-    enable_writeback_cache = False
+    enable_writeback_cache = True
     enable_acl = False
 
     def __init__(self, store: Store) -> None:
@@ -256,6 +262,15 @@ class FileSystem(pyfuse3.Operations):
                 return os.fstat(handle.fd)
         raise _error(errno.ENOENT)
 
+    def _backing_or_descriptor(self, node: Inode) -> Path | int:
+        """Where to change a file's metadata: an unlinked file (the kernel
+        sends its cached times when it is closed) through an open descriptor."""
+        if node.unlinked:
+            for handle in self._handles.values():
+                if isinstance(handle, Handle) and handle.node is node and handle.fd >= 0:
+                    return handle.fd
+        return self._backing(node)
+
     def _virtual_attributes(
         self, node: Inode, attrs: pyfuse3.EntryAttributes
     ) -> pyfuse3.EntryAttributes:
@@ -338,7 +353,7 @@ class FileSystem(pyfuse3.Operations):
             raise _error(errno.EPERM)
         if fields.update_size:
             await self._truncate(node, attr.st_size)
-        path = self._backing(node)
+        path = self._backing_or_descriptor(node)
         try:
             if fields.update_mode:
                 os.chmod(path, stat.S_IMODE(attr.st_mode))
@@ -500,7 +515,7 @@ class FileSystem(pyfuse3.Operations):
         fh = self._open_handle(node, flags, ctx)
         attrs = self._attributes(node)
         node.lookups += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), attrs
+        return _file_info(fh, kind), attrs
 
     def _new_entry(self, parent: str, name: str) -> tuple[Kind, str, str]:
         path = _join(parent, name)
@@ -535,7 +550,7 @@ class FileSystem(pyfuse3.Operations):
         if writing and flags & os.O_TRUNC:  # the kernel leaves O_TRUNC to us (atomic_o_trunc)
             await self._truncate(node, 0)
         fh = self._open_handle(node, flags, ctx)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return _file_info(fh, kind)
 
     def _open_handle(self, node: Inode, flags: int, ctx: pyfuse3.RequestContext) -> int:
         kind = node.kind
@@ -566,6 +581,10 @@ class FileSystem(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle: Handle = self._handles[fh]  # type: ignore[assignment]
         file: SQLiteFile = handle.file  # type: ignore[assignment]  # generated files are read-only
+        if handle.node.unlinked:
+            # The kernel writes back what it cached of a file after its
+            # name is gone; like a disk, keep it with the open file.
+            return os.pwrite(handle.fd, buf, off)
         try:
             return await _carry_out(file.write_blocks(off, buf), file.write, handle.fd, off, buf)
         except DatabaseError as exc:
@@ -589,8 +608,8 @@ class FileSystem(pyfuse3.Operations):
         if handle.fd >= 0:
             with _as_fuse_errors():
                 file = handle.file
-                if file is not None:
-                    file.settle()
+                if file is not None and not _is_own_thread(handle.pid):
+                    file.synced()
                 if datasync:
                     os.fdatasync(handle.fd)
                 else:
@@ -729,6 +748,26 @@ class FileSystem(pyfuse3.Operations):
             node = self._paths.get(path)
             if node is not None:
                 _quietly(pyfuse3.invalidate_inode, node.ino, False)
+        node = self._paths.get(name)
+        if node is not None:
+            self._announce_size(node)
+
+    def _announce_size(self, node: Inode) -> None:
+        """With the writeback cache the kernel keeps a file's size itself
+        and takes none from the daemon; storing the file's last bytes into
+        its cache is what tells it the file grew. (A file that shrank keeps
+        its old size there: SQLite reads the page count from the header.)"""
+        try:
+            fd = os.open(self._backing(node), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size:
+                start = (size - 1) // CACHE_PAGE_SIZE * CACHE_PAGE_SIZE
+                _quietly(pyfuse3.notify_store, node.ino, start, os.pread(fd, size - start, start))
+        finally:
+            os.close(fd)
 
     def database_created(self, name: str) -> None:
         self._invalidate_names(name)
@@ -767,6 +806,12 @@ class FileSystem(pyfuse3.Operations):
             for handle in self._handles.values()
             if isinstance(handle, Handle) and not _is_own_thread(handle.pid)
         ]
+
+
+def _file_info(fh: int, kind: Kind) -> pyfuse3.FileInfo:
+    if kind is Kind.WAL:
+        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+    return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
 
 async def _carry_out(blocks: bool, operation: Callable[..., T], *args: object) -> T:

@@ -274,6 +274,17 @@ class Store:
             self.on_commit(name)
         self._notify(name)
 
+    def pull_cached_pages(self, name: str) -> None:
+        """Syncing the database through the mount makes the kernel write
+        back what it caches of it, and keeps its clean pages cached."""
+        if self.mount_dir is None:
+            return
+        fd = os.open(self.mount_dir / name, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     # -- replication ------------------------------------------------------
 
     def positions(self) -> dict[str, Position]:

@@ -63,7 +63,12 @@ class SQLiteFile(Protocol):
 
     def settle(self, wait: bool = True) -> None:
         """Record what was written outside any transaction; the mount calls
-        it when a writer syncs or closes the file."""
+        it when a writer closes the file."""
+        ...
+
+    def synced(self, wait: bool = True) -> None:
+        """An application synced the file: the kernel has written back
+        every page of it it cached. Records as `settle` does."""
         ...
 
 

@@ -7,6 +7,14 @@ truncating it to zero, or zeroing its header. The database file's writes in
 between name the pages that changed; at the ending operation, before it is
 carried out, the transaction is recorded, so a crash leaves either a hot
 journal to roll back or an LTX file that matches the database.
+
+The kernel caches writes (the mount's writeback cache), so what reaches the
+daemon is what SQLite synced. Unless `synchronous=OFF`, SQLite syncs the
+journal before it writes the database and the database before it ends the
+journal, so at the ending operation the daemon holds every page. When it
+cannot know that (the header or the database sync never came: OFF), the
+database's cached pages are pulled from the kernel before the transaction
+is recorded.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ class RollbackJournal:
         self.crash = crash
         self.active = False
         """A transaction is under way: the header's magic has been written."""
+        self.database_synced = False
+        """The database file was synced since the transaction began."""
 
     # -- what the mount asks ----------------------------------------------
 
@@ -44,56 +54,68 @@ class RollbackJournal:
         self.db.check_writable()
 
     def write_blocks(self, offset: int, data: bytes) -> bool:
-        return self._write_commits(offset, data) and self._large()
+        return self._write_ends(offset, data) and self._ending_blocks()
 
     def truncate_blocks(self, size: int) -> bool:
-        return self.active and size == 0 and self._large()
+        return size == 0 and self._ending_blocks()
 
     def remove_blocks(self) -> bool:
-        return self.active and self._large()
+        return self._ending_blocks()
 
     def settle(self, wait: bool = True) -> None:
         return None
 
-    def _write_commits(self, offset: int, data: bytes) -> bool:
-        """PERSIST ends a transaction by zeroing the header's magic."""
+    def synced(self, wait: bool = True) -> None:
+        return None
+
+    def _ending_blocks(self) -> bool:
+        """Pulling pages from the kernel must not run on the mount's loop,
+        which serves the writes it causes."""
+        return not self._holds_every_page() or self.db.written_bytes() > SMALL_TRANSACTION
+
+    def _write_ends(self, offset: int, data: bytes) -> bool:
+        """PERSIST ends a transaction by zeroing the header's magic. (With
+        `synchronous=FULL` a transaction also begins with a zeroed magic,
+        written again once the journal is synced.)"""
         return self.active and offset == 0 and len(data) >= 8 and not any(data[:8])
 
-    def _large(self) -> bool:
-        return self.db.written_bytes() > SMALL_TRANSACTION
+    def _holds_every_page(self) -> bool:
+        return self.active and self.database_synced
 
     # -- file operations ---------------------------------------------------
 
     def write(self, fd: int, offset: int, data: bytes, wait: bool = True) -> int:
         if offset == 0 and len(data) >= 8:
             if data[:8] == JOURNAL_MAGIC:
-                self._begin(wait)
-            elif self._write_commits(offset, data):
+                self._begin()
+            elif self._write_ends(offset, data):
                 return self._commit_then(lambda: os.pwrite(fd, data, offset), wait)
         return os.pwrite(fd, data, offset)
 
     def truncate(self, size: int, wait: bool = True) -> None:
-        if self.active and size == 0:
+        if size == 0:
             self._commit_then(lambda: os.truncate(self.path, 0), wait)
         else:
             os.truncate(self.path, size)
 
     def remove(self, wait: bool = True) -> None:
-        if self.active:
-            self._commit_then(lambda: os.unlink(self.path), wait)
-        else:
-            os.unlink(self.path)
+        self._commit_then(lambda: os.unlink(self.path), wait)
+
+    def database_was_synced(self) -> None:
+        """The database file was synced: the daemon holds all its pages."""
+        self.database_synced = True
 
     # -- transactions ------------------------------------------------------
 
-    def _begin(self, wait: bool) -> None:
+    def _begin(self) -> None:
         """A transaction may go on after the node stepped down (to roll
-        back), but none may begin. Writes made outside any transaction
-        before it are recorded first, as their own."""
+        back), but none may begin. Writes that reached the database before
+        the header did are kept as part of it: with the kernel caching, the
+        header may come late, and recording them apart could record half a
+        transaction."""
         if not self.active:
             self.db.check_writable()
-            self.db.settle_unjournaled(wait)
-            self.db.begin_transaction()
+            self.database_synced = False
         self.active = True
 
     def _commit_then(self, end: Callable[[], T], wait: bool) -> T:
@@ -107,6 +129,8 @@ class RollbackJournal:
         """Record the transaction that is ending; None when nothing changed
         (a rollback writes every page back as it was)."""
         db = self.db
+        if not self._holds_every_page():
+            db.pull_cached_pages()
         with db.locked(wait):
             try:
                 return db.record_written_pages()

@@ -85,12 +85,16 @@ class WriteAheadLog:
     def settle(self, wait: bool = True) -> None:
         return None
 
+    def synced(self, wait: bool = True) -> None:
+        return None
+
     # -- file operations ---------------------------------------------------
 
     def write(self, fd: int, offset: int, data: bytes, wait: bool = True) -> int:
         db = self.db
         db.check_writable()
         if offset < HEADER_SIZE:
+            db.pull_cached_pages()
             with db.locked(wait):
                 self._before_frames_are_lost()
                 written = os.pwrite(fd, data, offset)
@@ -109,6 +113,7 @@ class WriteAheadLog:
         return written
 
     def truncate(self, size: int, wait: bool = True) -> None:
+        self.db.pull_cached_pages()
         with self.db.locked(wait):
             cuts_frames = self.chain is not None and size < self.chain.end
             if cuts_frames:
@@ -120,6 +125,7 @@ class WriteAheadLog:
                 del self._commits[offset]
 
     def remove(self, wait: bool = True) -> None:
+        self.db.pull_cached_pages()
         with self.db.locked(wait):
             self._before_frames_are_lost()
             os.unlink(self.path)
@@ -129,7 +135,9 @@ class WriteAheadLog:
         """Transactions are recorded from the log without syncing their LTX
         files: while the log holds them, recovery can record them again.
         Before the log is restarted, cut short or removed, the files must be
-        durable."""
+        durable, and the database file must hold the pages checkpoints
+        copied into it (the kernel may still be caching them: its caller
+        pulls them first)."""
         self.db.sync_history()
 
     def _forget(self) -> None:
@@ -369,6 +377,9 @@ class SharedMemory:
         return False
 
     def settle(self, wait: bool = True) -> None:
+        return None
+
+    def synced(self, wait: bool = True) -> None:
         return None
 
 
