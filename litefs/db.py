@@ -28,7 +28,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
-from litefs import ltx
+from litefs import clean_stop, ltx
 from litefs.capture import NO_CRASH, CrashPoints, WouldBlock, read_page_at
 from litefs.capture.rollback import RollbackJournal, journal_is_hot
 from litefs.capture.wal import SharedMemory, WriteAheadLog
@@ -175,6 +175,7 @@ class Database:
         self.shm_path = path / "shm"
         self.ltx_dir = path / "ltx"
         self.applying_path = path / "applying"
+        self.clean_stop_path = path / "clean-stop"
         self.lock = threading.RLock()
         self.crash = crash
         self.events: CommitEvents = events or _Unobserved()
@@ -229,8 +230,33 @@ class Database:
         with self.lock:
             self.sync_history()
             if self.fd >= 0:
+                self._save_clean_stop()
                 os.close(self.fd)
                 self.fd = -1
+
+    def _save_clean_stop(self) -> None:
+        """Leave the checksums for the next start, when they describe the
+        file alone: no transaction under way, no WAL holding pages."""
+        if (
+            self.content is not Content.SQLITE
+            or not self.position.txid
+            or self.checksum != self.position.checksum
+            or self.journal.active
+            or self._unjournaled
+            or self._dirty
+            or self.wal.path.exists()
+        ):
+            return
+        files = self.ltx_files()
+        state = clean_stop.CleanStop(
+            self.position.txid, self.position.checksum, self.page_size, self._checksums
+        )
+        try:
+            clean_stop.save(
+                self.clean_stop_path, state, self.database_path, files[-1][2] if files else None
+            )
+        except OSError as exc:
+            log.warning("database %s: checksums not saved for the next start: %s", self.name, exc)
 
     @property
     def checksum(self) -> int:
@@ -598,12 +624,13 @@ class Database:
     def recover(self) -> None:
         """Bring the database file and its LTX history into agreement."""
         with self.lock:
-            self.position = self._last_good_position()
-            if self.applying_path.exists():
-                self._finish_interrupted_apply()
-            if self.journal.is_hot():
-                self._settle_hot_journal()
-            self._load_checksums()
+            if not self._resume_clean_stop():
+                self.position = self._last_good_position()
+                if self.applying_path.exists():
+                    self._finish_interrupted_apply()
+                if self.journal.is_hot():
+                    self._settle_hot_journal()
+                self._load_checksums()
             self._remove_stale_wal_index()
             self.wal.recover()
             if self.position.txid and self.checksum != self.position.checksum:
@@ -616,6 +643,25 @@ class Database:
                 and os.fstat(self.fd).st_size > committed_size
             ):
                 os.ftruncate(self.fd, committed_size)
+
+    def _resume_clean_stop(self) -> bool:
+        """Take the checksums a clean stop left, if its files are untouched."""
+        files = self.ltx_files()
+        saved = clean_stop.take(
+            self.clean_stop_path, self.database_path, files[-1][2] if files else None
+        )
+        if saved is None or not files or files[-1][1] != saved.txid:
+            return False
+        if self.applying_path.exists() or self.journal.is_hot():
+            return False
+        self.position = Position(saved.txid, saved.checksum)
+        self.content = Content.SQLITE
+        self.page_size = self._write_page_size = saved.page_size
+        self._checksums = saved.checksums
+        self._xor = ltx.checksum_of(saved.checksums)
+        self._dirty.clear()
+        self._size_changed = False
+        return True
 
     def _remove_stale_wal_index(self) -> None:
         """Nothing can have `-shm` open before the mount exists, and what it
