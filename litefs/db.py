@@ -784,9 +784,13 @@ class Database:
         None means no chain of retained files does: the replica is ahead,
         has diverged, or needs files retention already removed, and must be
         sent a snapshot instead.
+
+        It takes no lock: it runs on the HTTP server's event loop, and a
+        commit holds the database's lock across its sync. A position is
+        adopted only once its file exists, so files listed after reading
+        the position include its file.
         """
-        with self.lock:
-            current = self.position
+        current = self.position
         if position.txid == current.txid:
             return [] if position.checksum == current.checksum else None
         if position.txid > current.txid:
@@ -795,9 +799,8 @@ class Database:
             quick = self._single_transaction_files(position, current.txid)
             if quick is not None:
                 return quick
-        with self.lock:
-            current = self.position
-            files = self.ltx_files()
+        current = self.position
+        files = self.ltx_files()
         chain: list[Path] = []
         rest = files
         expected = position.txid + 1
