@@ -606,9 +606,11 @@ class FileSystem(pyfuse3.Operations):
         handle = self._handles[fh]
         assert isinstance(handle, Handle)
         if handle.fd >= 0:
+            if _is_own_thread(handle.pid):
+                return  # the store pulling cached pages: the kernel wrote them back already
             with _as_fuse_errors():
                 file = handle.file
-                if file is not None and not _is_own_thread(handle.pid):
+                if file is not None:
                     file.synced()
                 if datasync:
                     os.fdatasync(handle.fd)
