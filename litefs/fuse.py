@@ -151,6 +151,8 @@ class FileSystem(pyfuse3.Operations):
         self._nodes: dict[int, Inode] = {}
         self._paths: dict[str, Inode] = {}
         self._handles: dict[int, Handle | DirectoryListing] = {}
+        self._changed_directories: set[str] = set()
+        """Directories of the mount with entries not yet synced."""
         self._next_ino = _first_inode_number()
         self._next_fh = 1
         root = Inode(pyfuse3.ROOT_INODE, Kind.DIRECTORY, "", "")
@@ -439,11 +441,16 @@ class FileSystem(pyfuse3.Operations):
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         """Make the directory's entries durable: SQLite asks for this right
-        after creating a journal, which lives in its database's directory."""
+        after creating a journal, which lives in its database's directory.
+        The directory itself is synced only when a database or directory
+        in it came or went since, which a journal's creation does not do."""
         listing = self._handles.get(fh)
         if not isinstance(listing, DirectoryListing):
             return
-        directories = [self.dbs_dir / listing.path]
+        directories = []
+        if listing.path in self._changed_directories:
+            self._changed_directories.discard(listing.path)
+            directories.append(self.dbs_dir / listing.path)
         for _name, inode in listing.entries:
             if inode.kind is Kind.JOURNAL or inode.kind is Kind.WAL:
                 directories.append(self.dbs_dir / inode.db_name)
@@ -464,6 +471,7 @@ class FileSystem(pyfuse3.Operations):
         with _as_fuse_errors():
             os.mkdir(backing, stat.S_IMODE(mode) & ~ctx.umask)
             os.chown(backing, ctx.uid, ctx.gid)
+        self._changed_directories.add(parent.path)
         node = self._node_for(path, Kind.DIRECTORY, "")
         attrs = self._attributes(node)
         node.lookups += 1
@@ -480,6 +488,7 @@ class FileSystem(pyfuse3.Operations):
         with _as_fuse_errors():
             self.store.check_writable()
             os.rmdir(self.dbs_dir / path)
+        self._changed_directories.add(parent.path)
         self._detach(path)
 
     # -- files ------------------------------------------------------------
@@ -502,6 +511,7 @@ class FileSystem(pyfuse3.Operations):
             if kind is Kind.DATABASE:
                 db = self.store.create_database(path, permissions)
                 os.fchown(db.fd, ctx.uid, ctx.gid)
+                self._changed_directories.add(parent.path)
             else:
                 OWNERS[kind](self._database_named(db_name)).check_writable()
                 backing = self.dbs_dir / db_name / BACKING_NAMES[kind]
@@ -649,6 +659,7 @@ class FileSystem(pyfuse3.Operations):
         with _as_fuse_errors():
             if kind is Kind.DATABASE:
                 self.store.remove_database(path)
+                self._changed_directories.add(parent.path)
             else:
                 file = OWNERS[kind](self._database_named(db_name))
                 await _carry_out(file.remove_blocks(), file.remove)
@@ -698,6 +709,7 @@ class FileSystem(pyfuse3.Operations):
                 self.store.rename_database(old_path, new_path)
             else:
                 raise _error(errno.EPERM)
+        self._changed_directories.update((old_parent.path, new_parent.path))
         self._move(old_path, new_path)
 
     def _move(self, old: str, new: str) -> None:
