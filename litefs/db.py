@@ -6,10 +6,11 @@ Which transaction committed, and when, is learned by the capture modules
 (`litefs.capture.rollback` for rollback journals, `litefs.capture.wal` for
 WAL), which this class owns, one per journal file. The database file's own
 writes tell which pages a rollback-journal transaction touched. Whatever the
-journal mode, `record_transaction` writes and syncs one LTX file before the
-operation that makes the transaction durable for SQLite goes ahead, so a
-crash leaves either something SQLite rolls back or an LTX file matching the
-database, and `recover` tells the two apart at start-up.
+journal mode, `record_transaction` writes one LTX file before the operation
+that makes the transaction durable for SQLite goes ahead, so a crash of the
+daemon leaves either something SQLite rolls back or an LTX file matching the
+database, and `recover` tells the two apart at start-up. When the file is
+synced is a `Sync` choice.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 from litefs import clean_stop, ltx
-from litefs.capture import NO_CRASH, CrashPoints, WouldBlock, read_page_at
+from litefs.capture import NO_CRASH, CrashPoints, Sync, WouldBlock, read_page_at
 from litefs.capture.rollback import RollbackJournal, journal_is_hot
 from litefs.capture.wal import SharedMemory, WriteAheadLog
 
@@ -421,6 +422,7 @@ class Database:
             self._file_page_reader(page_size),
             snapshot=snapshot,
             timestamp=timestamp,
+            sync=Sync.FILESYSTEM,
         )
 
     def _file_page_reader(self, page_size: int) -> PageReader:
@@ -432,7 +434,7 @@ class Database:
         return read_page
 
     def sync_history(self) -> None:
-        """Make the LTX files written with `durable=False` durable."""
+        """Make the LTX files written with `Sync.BEFORE_WAL_LOSS` durable."""
         with self.lock:
             for path in self._unsynced:
                 try:
@@ -462,9 +464,9 @@ class Database:
         *,
         snapshot: bool,
         timestamp: int | None = None,
-        durable: bool = True,
+        sync: Sync = Sync.NOW,
     ) -> Position | None:
-        """Write, sync and adopt one LTX file for a committed transaction.
+        """Write and adopt one LTX file for a committed transaction.
 
         `pages` (ascending) are those the transaction may have changed;
         only the ones whose checksum differs from the recorded state go into
@@ -472,9 +474,7 @@ class Database:
         past its lease's deadline) refuses any change, but lets a
         transaction that changed nothing end.
 
-        `durable=False` leaves the file unsynced until `sync_history`: for a
-        transaction that stays in the WAL, from which recovery can record it
-        again, until the WAL is restarted or removed.
+        `sync` says when the file is synced.
         """
         with self.lock:
             pages = pages if isinstance(pages, (range, list)) else list(pages)
@@ -486,7 +486,7 @@ class Database:
                     )
                 return None
             position = self._write_ltx(
-                pages, commit, page_size, read_page, snapshot, timestamp, durable
+                pages, commit, page_size, read_page, snapshot, timestamp, sync
             )
         if position is not None:
             self.events.committed(self.name)
@@ -519,7 +519,7 @@ class Database:
         read_page: PageReader,
         snapshot: bool,
         timestamp: int | None,
-        durable: bool = True,
+        sync: Sync,
     ) -> Position | None:
         old = self._checksums
         lock_pgno = ltx.lock_page(page_size)
@@ -572,9 +572,9 @@ class Database:
                 post_apply = xor | ltx.CHECKSUM_FLAG
                 encoder.finish(post_apply)
             crash("before-ltx-sync")
-            if durable:
+            if sync is Sync.NOW:
                 os.fdatasync(fd)  # the directory entry is left to the filesystem: see recover()
-            else:
+            elif sync is Sync.BEFORE_WAL_LOSS:
                 self._unsynced.append(path)
         except BaseException:
             with contextlib.suppress(OSError):

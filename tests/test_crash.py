@@ -123,6 +123,26 @@ def test_lost_newest_ltx_file_is_replaced_by_a_snapshot(
     assert_consistent(node, "my.db", tmp_path)
 
 
+def test_torn_newest_ltx_file_is_replaced_by_a_snapshot(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    """Rollback-journal LTX files are left to the filesystem to sync: a
+    power cut can tear the newest one after SQLite made its transaction
+    durable."""
+    node = start_node("primary")
+    node.sqlite("my.db", "CREATE TABLE t (x); INSERT INTO t VALUES (1); INSERT INTO t VALUES (2);")
+    before = position_of(node, "my.db")
+    assert node.stop() == 0
+    newest = node.ltx_files("my.db")[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+
+    node.start()
+    assert "removing incomplete LTX file" in node.log()
+    assert position_of(node, "my.db") == before
+    assert node.sqlite("my.db", "SELECT count(*) FROM t;").stdout.strip() == "2"
+    assert_consistent(node, "my.db", tmp_path)
+
+
 WAL_STEPS = ("before-ltx", "mid-ltx", "before-ltx-sync")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
@@ -70,6 +71,25 @@ class SQLiteFile(Protocol):
         """An application synced the file: the kernel has written back
         every page of it it cached. Records as `settle` does."""
         ...
+
+
+class Sync(Enum):
+    """When an LTX file reaches the disk. Any choice recovers consistently
+    from a power cut (see `recover`): they differ in what it costs at
+    commit and in whether a lost file comes back as itself or inside a
+    snapshot."""
+
+    NOW = "now"
+    """Before the transaction goes ahead."""
+    BEFORE_WAL_LOSS = "before the WAL loses its frames"
+    """In WAL mode: the WAL holds the transaction, and recovery records it
+    again from there, until the WAL is restarted, truncated or removed
+    (`sync_history`)."""
+    FILESYSTEM = "when the filesystem writes it back"
+    """Rollback journals: SQLite synced the database before ending the
+    journal, so a file a power cut loses or tears leaves either a hot
+    journal (rolled back) or a database ahead of its history (recorded as a
+    snapshot): one fsync less per commit."""
 
 
 class WouldBlock(Exception):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from litefs import ltx
-from litefs.capture import SMALL_TRANSACTION, CrashPoints, read_page_at
+from litefs.capture import SMALL_TRANSACTION, CrashPoints, Sync, read_page_at
 from litefs.walfile import (
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
@@ -240,7 +240,9 @@ class WriteAheadLog:
         else:
             grown = range(db.page_count + 1, commit + 1)
             pages = sorted(set(latest).union(grown))
-        db.record_transaction(pages, commit, page_size, read_page, snapshot=snapshot, durable=False)
+        db.record_transaction(
+            pages, commit, page_size, read_page, snapshot=snapshot, sync=Sync.BEFORE_WAL_LOSS
+        )
         _overlay(self.pages, latest, commit)
 
     def read_page(self, pgno: int, page_size: int) -> bytes | None:
