@@ -115,8 +115,8 @@ def lag_rows(label: str, lags: list[float] | None) -> list[Row]:
     p50 = statistics.median(lags) if lags else math.inf
     p99 = percentile(lags, 0.99) if lags else math.inf
     return [
-        (f"{label}: p50", p50, "ms", 2.0, "max"),
-        (f"{label}: p99", p99, "ms", 10.0, "max"),
+        (f"{label}: p50", p50, "ms", 1.5, "max"),
+        (f"{label}: p99", p99, "ms", 4.0, "max"),
     ]
 
 
