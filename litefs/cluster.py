@@ -69,8 +69,11 @@ class LocalNode:
         port: int | None = None,
         env: dict[str, str] | None = None,
         settings: dict[str, Any] | None = None,
+        command: tuple[str, ...] = (),
     ) -> None:
         self.name = name
+        self.command = command
+        """An application to run under the node (`mount -- CMD ARGS`)."""
         self.dir = root / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.mount_dir = self.dir / "mnt"
@@ -94,7 +97,10 @@ class LocalNode:
             },
         }
         for section, values in (settings or {}).items():
-            config.setdefault(section, {}).update(values)
+            if isinstance(values, dict):
+                config.setdefault(section, {}).update(values)
+            else:
+                config[section] = values
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     @property
@@ -105,7 +111,10 @@ class LocalNode:
         environment = {**os.environ, **self.env, **(env or {})}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "litefs", "mount", "-config", str(self.config_path)],
+                [
+                    *(sys.executable, "-m", "litefs", "mount", "-config", str(self.config_path)),
+                    *(("--", *self.command) if self.command else ()),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -173,6 +173,7 @@ class Store:
 
     def set_role(self, role: Role, primary: PrimaryInfo | None) -> None:
         with self._lock:
+            changed = (role, primary) != (self.role, self.primary)
             self.role = role
             self.primary = primary
             if role is Role.PRIMARY:
@@ -183,6 +184,8 @@ class Store:
         self.observer.role_changed()
         for db in self.databases():
             self._notify(db.name)
+        if not changed:
+            return
         log.info(
             "node is now %s%s",
             role.value,

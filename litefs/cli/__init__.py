@@ -43,7 +43,8 @@ def build_parser() -> Parser:
         prog="litefs",
         description="LiteFS: a FUSE filesystem that replicates SQLite databases.",
     )
-    daemon.add_config_flag(parser)
+    daemon.add_config_flag(parser, top_level=True)
+    parser.add_argument("--version", "-version", action="version", version=f"litefs {__version__}")
     parser.set_defaults(handler=daemon.run_mount)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=Parser)
 
