@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -242,6 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def litefs_command() -> str:
+    """How to run `litefs` from a shell: it need not be on the PATH."""
+    script = Path(sys.executable).parent / "litefs"
+    if not script.exists():
+        return f"{sys.executable} -m litefs"
+    on_path = shutil.which("litefs")
+    if on_path is not None and Path(on_path).resolve() == script.resolve():
+        return "litefs"
+    return os.path.relpath(script)
+
+
 def _print_welcome(nodes: list[LocalNode]) -> None:
     primary, replicas = nodes[0], nodes[1:]
     print(f"primary  {primary.name}: mount {primary.mount_dir}  http {primary.url}")
@@ -252,7 +264,7 @@ def _print_welcome(nodes: list[LocalNode]) -> None:
     print(f"  cat {primary.mount_dir}/my.db-pos")
     for node in replicas:
         print(f"  sqlite3 {node.mount_dir}/my.db 'SELECT * FROM t;'")
-    print("  litefs ltx list " + str(primary.data_dir / "dbs/my.db/ltx") + "/*.ltx")
+    print(f"  {litefs_command()} ltx list {primary.data_dir / 'dbs/my.db/ltx'}/*.ltx")
     print(f"\nLogs: {nodes[0].log_path.parent.parent}/*/litefs.log. Ctrl-C stops every node.")
     sys.stdout.flush()
 
