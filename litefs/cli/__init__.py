@@ -37,7 +37,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> Parser:
-    from litefs.cli import daemon, ltx
+    from litefs.cli import daemon, databases, ltx
 
     parser = Parser(
         prog="litefs",
@@ -52,6 +52,7 @@ def build_parser() -> Parser:
     version.set_defaults(handler=_print_version)
 
     daemon.register(commands)
+    databases.register(commands)
     ltx.register(commands)
     return parser
 

@@ -116,7 +116,7 @@ def node_url(args: argparse.Namespace) -> str:
     """The node to talk to: `-url`, or this node's own `http.addr`."""
     url: str | None = getattr(args, "url", None)
     if url is None:
-        cfg = load_config(args.config)
+        cfg = load_config(getattr(args, "config", None))
         host = cfg.http.host or "127.0.0.1"
         return f"http://{'[' + host + ']' if ':' in host else host}:{cfg.http.port}"
     parts = urllib.parse.urlsplit(url)
@@ -128,7 +128,7 @@ def node_url(args: argparse.Namespace) -> str:
 
 
 def run_config_check(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = load_config(getattr(args, "config", None))
     print(f"{cfg.source}: ok")
     print(f"  mount {cfg.fuse.dir}, data {cfg.data.dir}, http {cfg.http.addr}")
     role = "candidate" if cfg.lease.candidate else "replica only"
@@ -172,7 +172,7 @@ def run_mount(args: argparse.Namespace) -> int:
     from litefs.logs import setup_logging
     from litefs.node import Node
 
-    cfg = load_config(args.config)
+    cfg = load_config(getattr(args, "config", None))
     command = getattr(args, "command", None)
     if command:
         cfg = dataclasses.replace(cfg, exec=(ExecCommand(tuple(command)),))
