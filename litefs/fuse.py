@@ -7,7 +7,7 @@ Names in the mount map onto the data directory like this:
     <mount>/dir/my.db-journal     <data>/dbs/dir/my.db/journal   (also -wal, -shm)
     <mount>/dir/my.db-pos         the database's position, generated
     <mount>/.primary              the primary's hostname, on replicas only
-    <mount>/.lag                  milliseconds behind the primary (0 on the primary)
+    <mount>/.lag                  milliseconds behind the primary, read by name
 
 Every FUSE request costs tens of microseconds, so the kernel is told to cache
 as much as it safely can: long entry and attribute timeouts, cached negative
@@ -415,8 +415,6 @@ class FileSystem(pyfuse3.Operations):
         if not parent and not self.store.is_primary and self.store.primary is not None:
             node = self._node_for(PRIMARY_FILE, Kind.PRIMARY, "")
             entries.append((PRIMARY_FILE.encode(), node))
-        if not parent:
-            entries.append((LAG_FILE.encode(), self._node_for(LAG_FILE, Kind.LAG, "")))
         return entries
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
