@@ -184,6 +184,22 @@ class Store:
             db.writable = self.role is Role.PRIMARY
             self._dbs[name] = db
             log.info("database %s: opened at %s", name, db.position)
+            self._warn_if_reserved(name)
+
+    def _warn_if_reserved(self, name: str) -> None:
+        """A database made before its name was reserved is kept, but the
+        generated file of the same name hides it: say how to move it."""
+        try:
+            check_new_name(name)
+        except ReservedName as exc:
+            log.warning(
+                "database %s: %s, so the mount may not show it; copy it out with "
+                "`litefs export -name %s FILE`, then remove %s while the node is stopped",
+                name,
+                exc,
+                name,
+                self.dbs_dir / name,
+            )
 
     def _scan(self, directory: Path, prefix: str) -> Iterator[tuple[str, Path]]:
         for entry in os.scandir(directory):

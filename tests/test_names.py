@@ -89,3 +89,15 @@ def test_lag_grows_on_a_replica_that_lost_its_primary(
         errno.EPERM,
         errno.EROFS,
     )
+
+
+def test_a_database_with_a_name_reserved_since_is_kept_and_explained(
+    start_node: StartNode,
+) -> None:
+    node = start_node("primary")
+    node.sqlite("old.db", "CREATE TABLE t (x); INSERT INTO t VALUES (7);")
+    node.stop()
+    (node.data_dir / "dbs" / "old.db").rename(node.data_dir / "dbs" / ".primary")
+    node.start()
+    assert "database .primary: .primary is reserved" in node.log()
+    assert "litefs export -name .primary FILE" in node.log()
