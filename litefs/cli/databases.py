@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import tempfile
@@ -72,27 +73,47 @@ def _target(args: argparse.Namespace, path: str) -> tuple[str, str]:
 def run_import(args: argparse.Namespace) -> int:
     source = Path(args.file)
     try:
-        f = open(source, "rb")  # noqa: SIM115 - handed to urllib, closed below
+        f = open(source, "rb")  # noqa: SIM115 - closed below
     except OSError as exc:
         raise CommandError(f"{source}: {exc.strerror or exc}") from None
     url, target = _target(args, "/import")
     with f:
-        size = os.fstat(f.fileno()).st_size
-        request = urllib.request.Request(
-            target,
-            method="POST",
-            data=f,
-            headers={"Content-Type": "application/vnd.sqlite3", "Content-Length": str(size)},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=TRANSFER_TIMEOUT) as response:
-                answer = json.load(response)
-        except urllib.error.HTTPError as exc:
-            raise CommandError(f"import refused ({exc.code}): {error_message(exc)}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise CommandError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
+        answer = _upload(url, target, f)
     print(f"{source}: imported as {args.name} at TXID {answer['txid']}/{answer['checksum']}")
     return 0
+
+
+def _upload(url: str, target: str, f: BinaryIO) -> dict[str, str]:
+    """POST a file in large blocks (urllib sends 8 KiB at a time)."""
+    parts = urllib.parse.urlsplit(target)
+    connection_class = (
+        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    )
+    connection = connection_class(parts.netloc, timeout=TRANSFER_TIMEOUT, blocksize=BLOCK)
+    try:
+        connection.request(
+            "POST",
+            f"{parts.path}?{parts.query}",
+            body=f,
+            headers={
+                "Content-Type": "application/vnd.sqlite3",
+                "Content-Length": str(os.fstat(f.fileno()).st_size),
+            },
+        )
+        response = connection.getresponse()
+        body = response.read()
+    except OSError as exc:
+        raise CommandError(f"cannot reach {url}: {exc.strerror or exc}") from None
+    finally:
+        connection.close()
+    try:
+        answer: dict[str, str] = json.loads(body)
+    except ValueError:
+        answer = {}
+    if response.status != 200:
+        message = answer.get("error", response.reason) if isinstance(answer, dict) else body
+        raise CommandError(f"import refused ({response.status}): {message}")
+    return answer
 
 
 def run_export(args: argparse.Namespace) -> int:
