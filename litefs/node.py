@@ -259,7 +259,7 @@ class Node:
         pyfuse3.close(unmount=True)
         if is_mounted(self.config.fuse.dir):
             unmount(self.config.fuse.dir)
-        log.info("unmounted %s", self.config.fuse.dir)
+        log.debug("unmounted %s", self.config.fuse.dir)
 
 
 class Services:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from conftest import StartNode
+from etcd_server import EtcdServer
+from etcd_server import etcd_server as etcd_server
 from node_process import is_mounted
 from waiting import wait_for
 
@@ -92,6 +94,33 @@ def test_if_candidate_commands_are_skipped_on_a_replica(
     wait_for(lambda: trail.exists() and "app" in trail.read_text(), APP_TIMEOUT, "the app")
     assert trail.read_text().split() == ["app"]
     assert "skipping sh -c 'echo migrate" in replica.log()
+
+
+def test_if_candidate_commands_run_only_on_the_candidate_that_became_primary(
+    start_node: StartNode, tmp_path: Path, etcd_server: EtcdServer
+) -> None:
+    trail = tmp_path / "trail"
+    settings = {
+        "lease": {
+            "type": "etcd",
+            "candidate": True,
+            "etcd": {"endpoints": [etcd_server.url], "key": "litefs/primary", "ttl": "2s"},
+        },
+        "exec": [
+            {"cmd": f"sh -c 'echo migrate $LITEFS_NODE >> {trail}'", "if-candidate": True},
+            {"cmd": f"sh -c 'echo app $LITEFS_NODE $LITEFS_ROLE >> {trail}; exec sleep 60'"},
+        ],
+    }
+    start_node("node1", settings=settings)
+    wait_for(lambda: trail.exists() and "app" in trail.read_text(), APP_TIMEOUT, "node1's app")
+    node2 = start_node("node2", settings=settings)
+    wait_for(lambda: "app node2" in trail.read_text(), APP_TIMEOUT, "node2's app")
+    assert trail.read_text().splitlines() == [
+        "migrate node1",
+        "app node1 primary",
+        "app node2 replica",
+    ]
+    assert "another node is the primary" in node2.log()
 
 
 def test_application_exit_stops_the_node_with_its_status(start_node: StartNode) -> None:
