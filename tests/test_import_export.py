@@ -239,3 +239,17 @@ def test_copying_a_database_into_a_replica_is_refused_leaving_nothing(
     assert b"Read-only file system" in result.stderr
     assert not (replica.mount_dir / "new.db").exists()
     assert not (replica.mount_dir / "new.db-pos").exists()
+
+
+def test_a_database_copied_over_an_existing_one_replicates(
+    pair: tuple[NodeProcess, NodeProcess], tmp_path: Path
+) -> None:
+    primary, replica = pair
+    primary.sqlite("app.db", "CREATE TABLE t (n INTEGER PRIMARY KEY, v TEXT);")
+    primary.sqlite("app.db", "INSERT INTO t (v) SELECT 'old' FROM generate_series(1, 5000);")
+    wait_caught_up(primary, replica, "app.db")
+    source = make_database(tmp_path / "src.db", 300, value="new")
+    subprocess.run(["cp", str(source), str(primary.mount_dir / "app.db")], check=True, timeout=60)
+    assert count(primary, "app.db") == "300|new99"
+    wait_caught_up(primary, replica, "app.db")
+    assert count(replica, "app.db") == "300|new99"
