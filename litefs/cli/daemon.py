@@ -128,7 +128,11 @@ def node_url(args: argparse.Namespace) -> str:
 
 
 def run_config_check(args: argparse.Namespace) -> int:
-    cfg = load_config(getattr(args, "config", None))
+    return report_config(load_config(getattr(args, "config", None)))
+
+
+def report_config(cfg: Config) -> int:
+    """What a node started with `cfg` would do, in a few lines."""
     print(f"{cfg.source}: ok")
     print(f"  mount {cfg.fuse.dir}, data {cfg.data.dir}, http {cfg.http.addr}")
     role = "candidate" if cfg.lease.candidate else "replica only"
@@ -177,7 +181,7 @@ def run_mount(args: argparse.Namespace) -> int:
     if command:
         cfg = dataclasses.replace(cfg, exec=(ExecCommand(tuple(command)),))
     if getattr(args, "check", False):
-        return run_config_check(args)
+        return report_config(cfg)
     setup_logging(cfg.log.format, cfg.log.debug)
     lock = lock_data_dir(cfg.data.dir)
     try:
