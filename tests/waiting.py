@@ -1,4 +1,4 @@
-"""Waiting for a condition in tests: one helper, one failure message."""
+"""Waiting for a condition in tests: one function, one failure message."""
 
 from __future__ import annotations
 
