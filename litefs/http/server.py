@@ -152,6 +152,8 @@ class Server:
             return self._not_primary(f"cannot import {name}")
         except DatabaseError as exc:
             return json_error(409, str(exc))
+        except FileExistsError:
+            return json_error(409, f"{name} was created while it was being imported; try again")
         finally:
             upload.unlink(missing_ok=True)
         return web.json_response(
