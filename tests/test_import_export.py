@@ -253,3 +253,25 @@ def test_a_database_copied_over_an_existing_one_replicates(
     assert count(primary, "app.db") == "300|new99"
     wait_caught_up(primary, replica, "app.db")
     assert count(replica, "app.db") == "300|new99"
+
+
+def test_import_of_a_wal_file_with_another_page_size_replaces_the_database(
+    pair: tuple[NodeProcess, NodeProcess], tmp_path: Path
+) -> None:
+    primary, replica = pair
+    primary.sqlite("app.db", "CREATE TABLE t (n INTEGER PRIMARY KEY, v TEXT);")
+    primary.sqlite("app.db", "INSERT INTO t (v) VALUES ('old');")
+    wait_caught_up(primary, replica, "app.db")
+    source = make_database(tmp_path / "src.db", 700, value="new", page_size=1024)
+    with sqlite3.connect(source) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    litefs_cli("import", "-name", "app.db", str(source), "-url", primary.url)
+    wait_caught_up(primary, replica, "app.db")
+    for node in (primary, replica):
+        assert node.sqlite("app.db", "PRAGMA page_size;").stdout.strip() == "1024"
+        assert node.sqlite("app.db", "PRAGMA journal_mode;").stdout.strip() == "wal"
+        assert count(node, "app.db") == "700|new99"
+    primary.sqlite("app.db", "INSERT INTO t (v) VALUES ('z');")
+    wait_caught_up(primary, replica, "app.db")
+    assert count(replica, "app.db") == "701|z"
