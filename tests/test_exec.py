@@ -6,13 +6,14 @@ import shlex
 import signal
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import StartNode
 from etcd_server import EtcdServer
 from etcd_server import etcd_server as etcd_server
-from node_process import is_mounted
+from node_process import NodeProcess, is_mounted
 from waiting import wait_for
 
 pytestmark = pytest.mark.fuse
@@ -209,3 +210,17 @@ def test_shell_quoting_in_exec_string(start_node: StartNode, tmp_path: Path) -> 
     node = start_node("primary", settings={"exec": f"touch {shlex.quote(str(out))}"}, wait=False)
     assert node.wait_exit(APP_TIMEOUT) == 0
     assert out.exists()
+
+
+def test_a_replica_without_its_primary_waits_and_stops_cleanly_before_starting(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    absent = NodeProcess(tmp_path, "absent")  # configured, never started
+    marker = tmp_path / "started"
+    node = start_node("replica", candidate=False, primary=absent, command=("touch", str(marker)))
+    wait_for(lambda: "waiting to be the primary" in node.log(), APP_TIMEOUT, "the wait")
+    time.sleep(0.5)
+    assert not marker.exists()
+    assert node.stop(signal.SIGTERM) == 0
+    assert not marker.exists()
+    assert not is_mounted(node.mount_dir)
