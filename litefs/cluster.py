@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -69,8 +70,11 @@ class LocalNode:
         port: int | None = None,
         env: dict[str, str] | None = None,
         settings: dict[str, Any] | None = None,
+        command: tuple[str, ...] = (),
     ) -> None:
         self.name = name
+        self.command = command
+        """An application to run under the node (`mount -- CMD ARGS`)."""
         self.dir = root / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.mount_dir = self.dir / "mnt"
@@ -94,7 +98,10 @@ class LocalNode:
             },
         }
         for section, values in (settings or {}).items():
-            config.setdefault(section, {}).update(values)
+            if isinstance(values, dict):
+                config.setdefault(section, {}).update(values)
+            else:
+                config[section] = values
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     @property
@@ -105,7 +112,10 @@ class LocalNode:
         environment = {**os.environ, **self.env, **(env or {})}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "litefs", "mount", "-config", str(self.config_path)],
+                [
+                    *(sys.executable, "-m", "litefs", "mount", "-config", str(self.config_path)),
+                    *(("--", *self.command) if self.command else ()),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -233,6 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def litefs_command() -> str:
+    """How to run `litefs` from a shell: it need not be on the PATH."""
+    script = Path(sys.executable).parent / "litefs"
+    if not script.exists():
+        return f"{sys.executable} -m litefs"
+    on_path = shutil.which("litefs")
+    if on_path is not None and Path(on_path).resolve() == script.resolve():
+        return "litefs"
+    return os.path.relpath(script)
+
+
 def _print_welcome(nodes: list[LocalNode]) -> None:
     primary, replicas = nodes[0], nodes[1:]
     print(f"primary  {primary.name}: mount {primary.mount_dir}  http {primary.url}")
@@ -243,7 +264,7 @@ def _print_welcome(nodes: list[LocalNode]) -> None:
     print(f"  cat {primary.mount_dir}/my.db-pos")
     for node in replicas:
         print(f"  sqlite3 {node.mount_dir}/my.db 'SELECT * FROM t;'")
-    print("  litefs ltx list " + str(primary.data_dir / "dbs/my.db/ltx") + "/*.ltx")
+    print(f"  {litefs_command()} ltx list {primary.data_dir / 'dbs/my.db/ltx'}/*.ltx")
     print(f"\nLogs: {nodes[0].log_path.parent.parent}/*/litefs.log. Ctrl-C stops every node.")
     sys.stdout.flush()
 

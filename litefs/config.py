@@ -17,6 +17,7 @@ import difflib
 import ipaddress
 import os
 import re
+import shlex
 import socket
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -118,6 +119,15 @@ class LeaseConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ExecCommand:
+    """One command of `exec`: its argument vector (split as a shell would,
+    without running one) and whether it runs only where a primary may be."""
+
+    argv: tuple[str, ...]
+    if_candidate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     format: str
     debug: bool
@@ -130,7 +140,9 @@ class Config:
     data: DataConfig
     http: HTTPConfig
     lease: LeaseConfig
-    exec: tuple[str, ...] | str | None
+    exec: tuple[ExecCommand, ...]
+    """Commands run in order once the node is ready; the last is the
+    application. Empty when there is nothing to run."""
     log: LogConfig
 
 
@@ -547,26 +559,41 @@ def _hostname(section: _Section) -> str:
     return hostname
 
 
-def _exec(top: _Section) -> tuple[str, ...] | str | None:
+def _exec(top: _Section) -> tuple[ExecCommand, ...]:
     raw = top.value("exec")
     if raw is None:
-        return None
+        return ()
     if isinstance(raw, str):
-        if not raw.strip():
-            raise top.error("exec", "must not be empty")
-        return raw
+        return (ExecCommand(_command_line(top, "exec", raw)),)
     if not isinstance(raw, list):
         raise top.error(
-            "exec", f"must be a command string or a list of strings, got {_describe(raw)}"
+            "exec", f"must be a command string or a list of commands, got {_describe(raw)}"
         )
     if not raw:
         raise top.error("exec", "must not be an empty list")
-    for index, item in enumerate(raw):
-        if not isinstance(item, str):
-            raise top.error(f"exec[{index}]", f"must be a string, got {_describe(item)}")
-    if not raw[0].strip():
-        raise top.error("exec[0]", "the program name must not be empty")
-    return tuple(raw)
+    return tuple(_exec_entry(top, f"exec[{index}]", item) for index, item in enumerate(raw))
+
+
+def _exec_entry(top: _Section, key: str, item: object) -> ExecCommand:
+    if not isinstance(item, dict):
+        raise top.error(
+            key,
+            f'must be a mapping such as {{cmd: "myapp -addr :8080", if-candidate: false}}, '
+            f"got {_describe(item)}",
+        )
+    entry = _Section(top.source, key, item, ("cmd", "if-candidate"))
+    text = entry.required("cmd", entry.string("cmd"), ": the command line to run")
+    return ExecCommand(_command_line(top, f"{key}.cmd", text), entry.boolean("if-candidate", False))
+
+
+def _command_line(top: _Section, key: str, text: str) -> tuple[str, ...]:
+    if not text.strip():
+        raise top.error(key, "must not be empty")
+    try:
+        argv = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise top.error(key, f"cannot be split into arguments: {exc}") from None
+    return argv
 
 
 def _full_shape(top: _Section) -> Config:
@@ -682,6 +709,6 @@ def _seed_shape(top: _Section) -> Config:
             consul=consul_config,
             etcd=None,
         ),
-        exec=None,
+        exec=(),
         log=LogConfig(format="text", debug=debug),
     )

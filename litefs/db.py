@@ -854,11 +854,7 @@ class Database:
         """
         copy = out.with_name(out.name + ".db")
         try:
-            with contextlib.nullcontext() if self.wal_mode else read_lock, self.lock:
-                position = self.position
-                size = self.page_count * self.page_size
-                _copy_file(self.fd, copy, size, allow_short=self.wal_mode)
-                self.wal.overlay(copy, self.page_size)
+            position = self.copy_committed(copy, read_lock)
             with open(copy, "rb") as src, open(out, "wb") as dst:
                 _, trailer = ltx.encode_snapshot(src, dst, txid=position.txid)
             if trailer.post_apply_checksum != position.checksum:
@@ -869,6 +865,18 @@ class Database:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 copy.unlink()
+        return position
+
+    def copy_committed(
+        self, target: Path, read_lock: contextlib.AbstractContextManager[None]
+    ) -> Position:
+        """Copy the committed database to `target`, a SQLite file of its own;
+        returns the position it is a copy of."""
+        with contextlib.nullcontext() if self.wal_mode else read_lock, self.lock:
+            position = self.position
+            size = self.page_count * self.page_size
+            _copy_file(self.fd, target, size, allow_short=self.wal_mode)
+            self.wal.overlay(target, self.page_size)
         return position
 
     def apply_ltx(

@@ -7,6 +7,7 @@ Names in the mount map onto the data directory like this:
     <mount>/dir/my.db-journal     <data>/dbs/dir/my.db/journal   (also -wal, -shm)
     <mount>/dir/my.db-pos         the database's position, generated
     <mount>/.primary              the primary's hostname, on replicas only
+    <mount>/.lag                  milliseconds behind the primary, read by name
 
 Every FUSE request costs tens of microseconds, so the kernel is told to cache
 as much as it safely can: long entry and attribute timeouts, cached negative
@@ -51,7 +52,7 @@ from litefs.db import (
     NotPermitted,
     ReadOnlyError,
 )
-from litefs.store import InvalidName, Store
+from litefs.store import InvalidName, ReservedName, Store, check_new_name
 
 log = logging.getLogger("litefs.fuse")
 T = TypeVar("T")
@@ -70,6 +71,7 @@ class Kind(Enum):
     SHM = "shm"
     POSITION = "position"
     PRIMARY = "primary"
+    LAG = "lag"
 
 
 SUFFIXES = (
@@ -86,7 +88,10 @@ OWNERS: dict[Kind, Callable[[Database], SQLiteFile]] = {
     Kind.SHM: attrgetter("shm"),
 }
 """Which object of a database owns each kind of file."""
+GENERATED = (Kind.POSITION, Kind.PRIMARY, Kind.LAG)
+"""Files the mount makes up: read-only, never created, removed or changed."""
 PRIMARY_FILE = ".primary"
+LAG_FILE = ".lag"
 
 
 class Inode:
@@ -191,6 +196,8 @@ class FileSystem(pyfuse3.Operations):
             if store.is_primary or store.primary is None:
                 return None
             return Kind.PRIMARY, path, ""
+        if not parent and name == LAG_FILE:
+            return Kind.LAG, path, ""
         for suffix, kind in SUFFIXES:
             if name.endswith(suffix) and len(name) > len(suffix):
                 base = path[: -len(suffix)]
@@ -236,7 +243,7 @@ class FileSystem(pyfuse3.Operations):
         attrs.entry_timeout = ENTRY_TIMEOUT
         attrs.attr_timeout = ATTR_TIMEOUT
         kind = node.kind
-        if kind is Kind.POSITION or kind is Kind.PRIMARY:
+        if kind is Kind.POSITION or kind is Kind.PRIMARY or kind is Kind.LAG:
             return self._virtual_attributes(node, attrs)
         st = self._stat(node)
         attrs.st_mode = st.st_mode
@@ -282,6 +289,8 @@ class FileSystem(pyfuse3.Operations):
         attrs.st_size = len(content)
         attrs.st_blksize = 4096
         attrs.st_blocks = 1
+        if node.kind is Kind.LAG:
+            attrs.attr_timeout = 0  # its size changes with every reading
         if node.kind is Kind.POSITION:
             db = self.store.database(node.db_name)
             if db is not None and db.fd >= 0:
@@ -296,6 +305,8 @@ class FileSystem(pyfuse3.Operations):
             if db is None:
                 raise _error(errno.ENOENT)
             return f"{db.position}\n".encode()
+        if node.kind is Kind.LAG:
+            return f"{round(self.store.lag() * 1000)}\n".encode()
         primary = self.store.primary
         if self.store.is_primary or primary is None:
             raise _error(errno.ENOENT)
@@ -351,7 +362,7 @@ class FileSystem(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        if node.kind is Kind.POSITION or node.kind is Kind.PRIMARY:
+        if node.kind in GENERATED:
             raise _error(errno.EPERM)
         if fields.update_size:
             await self._truncate(node, attr.st_size)
@@ -469,6 +480,7 @@ class FileSystem(pyfuse3.Operations):
         path = _join(parent.path, text)
         backing = self.dbs_dir / path
         with _as_fuse_errors():
+            check_new_name(path)
             os.mkdir(backing, stat.S_IMODE(mode) & ~ctx.umask)
             os.chown(backing, ctx.uid, ctx.gid)
         self._changed_directories.add(parent.path)
@@ -549,7 +561,7 @@ class FileSystem(pyfuse3.Operations):
             # database): ESTALE makes the kernel look the name up afresh.
             raise _error(errno.ESTALE)
         writing = flags & os.O_ACCMODE != os.O_RDONLY
-        if kind is Kind.POSITION or kind is Kind.PRIMARY:
+        if kind in GENERATED:
             if writing:
                 raise _error(errno.EACCES)
             fh = self._open_handle(node, flags, ctx)
@@ -568,7 +580,7 @@ class FileSystem(pyfuse3.Operations):
         file: SQLiteFile | None = None
         if kind is Kind.POSITION:
             self._database(node)
-        elif kind is not Kind.PRIMARY:
+        elif kind not in GENERATED:
             file = self._owner(node)
             access = os.O_RDWR if flags & os.O_ACCMODE != os.O_RDONLY else os.O_RDONLY
             with _as_fuse_errors():
@@ -654,7 +666,7 @@ class FileSystem(pyfuse3.Operations):
         kind, path, db_name = found
         if kind is Kind.DIRECTORY:
             raise _error(errno.EISDIR)
-        if kind is Kind.POSITION or kind is Kind.PRIMARY:
+        if kind in GENERATED:
             raise _error(errno.EPERM)
         with _as_fuse_errors():
             if kind is Kind.DATABASE:
@@ -895,6 +907,9 @@ class _as_fuse_errors:
             raise _error(errno.EEXIST) from None
         if isinstance(exc, OSError):
             raise _error(exc.errno or errno.EIO) from None
+        if isinstance(exc, ReservedName):
+            log.warning("refused: %s", exc)
+            raise _error(errno.EPERM) from None
         if isinstance(exc, InvalidName):
             raise _error(errno.EINVAL) from None
         if isinstance(exc, KeyError):

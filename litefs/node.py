@@ -20,6 +20,7 @@ from collections.abc import Coroutine
 import pyfuse3
 import trio
 
+from litefs.application import Application
 from litefs.capture import CrashPoints
 from litefs.cli import CommandError
 from litefs.config import Config, LeaseConfig
@@ -100,6 +101,21 @@ class Node:
         self.store.on_commit = self._count_commit
         self.fs: FileSystem | None = None
         self.name = node_name(config)
+        self.ready = threading.Event()
+        """Set once the node is the primary, or a replica caught up with its
+        primary: the application may start."""
+        self.application = (
+            Application(
+                config.exec,
+                self.environment,
+                lambda: self.store.is_primary,
+                config.lease.candidate,
+            )
+            if config.exec
+            else None
+        )
+        self.exit_status = 0
+        self._stopping = False
         self._services = Services(self)
 
     def _count_commit(self, name: str) -> None:
@@ -120,8 +136,24 @@ class Node:
         finally:
             self._services.stop()
             self.store.close()
-        log.info("stopped")
-        return 0
+        log.info("stopped, unmounted %s", self.config.fuse.dir)
+        return self.exit_status
+
+    def environment(self) -> dict[str, str]:
+        """What the application is told about where it stands, when it starts."""
+        store = self.store
+        primary = store.primary
+        if store.is_primary or primary is None:
+            name, url = self.name, self.config.lease.advertise_url or ""
+        else:
+            name, url = primary.hostname, primary.advertise_url
+        return {
+            "LITEFS_NODE": self.name,
+            "LITEFS_ROLE": store.role.value,
+            "LITEFS_PRIMARY": name,
+            "LITEFS_PRIMARY_URL": url,
+            "LITEFS_MOUNT_DIR": str(self.config.fuse.dir),
+        }
 
     def _initial_role(self) -> None:
         """A static lease is known before mounting: the mount starts in the right mode."""
@@ -162,16 +194,40 @@ class Node:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._enforce_retention)
+            if self.application is not None:
+                nursery.start_soon(self._run_application, self.application)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
+                application = self.application
+                if application is not None and application.running:
+                    application.pass_signal(signum)
+                    continue  # the node stops once the application has exited
                 log.info("received %s, stopping", signal.Signals(signum).name)
-                await trio.to_thread.run_sync(self._stop_services)
-                pyfuse3.terminate()
+                if application is not None:
+                    application.stopping = True
+                await self._stop()
                 return
+
+    async def _run_application(self, application: Application) -> None:
+        """Run the commands once the node is ready; the node stops with them."""
+        self.exit_status = await application.run(self._wait_ready)
+        await self._stop()
+
+    async def _wait_ready(self) -> None:
+        if not self.ready.is_set():
+            log.info("waiting to be the primary or caught up with it before starting commands")
+        await trio.to_thread.run_sync(self.ready.wait, abandon_on_cancel=True)
+
+    async def _stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        await trio.to_thread.run_sync(self._stop_services)
+        pyfuse3.terminate()
 
     def _stop_services(self) -> None:
         """Give the lease up and stop replicating while the mount still serves:
@@ -203,7 +259,7 @@ class Node:
         pyfuse3.close(unmount=True)
         if is_mounted(self.config.fuse.dir):
             unmount(self.config.fuse.dir)
-        log.info("unmounted %s", self.config.fuse.dir)
+        log.debug("unmounted %s", self.config.fuse.dir)
 
 
 class Services:
@@ -381,6 +437,7 @@ class Services:
         store.set_role(Role.PRIMARY, None)
         store.commit_deadline = lease.deadline - margin
         log.info("acquired the lease; this node is the primary")
+        node.ready.set()
         try:
             wait = lease.renew_interval
             while True:
@@ -421,6 +478,7 @@ class Services:
         client = ReplicaClient(node.store, node.name, node.metrics, self._note_handoff)
         stream = asyncio.create_task(client.follow(info.advertise_url))
         change = asyncio.create_task(self._primary_change(info))
+        caught_up = asyncio.create_task(self._caught_up(client))
         try:
             await asyncio.wait({stream, change}, return_when=asyncio.FIRST_COMPLETED)
             if not stream.done():
@@ -430,10 +488,14 @@ class Services:
                 # later; competing before that would only find it still held.
                 await asyncio.wait({change}, timeout=END_TO_RELEASE)
         finally:
-            for task in (stream, change):
+            for task in (stream, change, caught_up):
                 task.cancel()
-            await asyncio.gather(stream, change, return_exceptions=True)
+            await asyncio.gather(stream, change, caught_up, return_exceptions=True)
             await client.drain()
+
+    async def _caught_up(self, client: ReplicaClient) -> None:
+        await client.ready.wait()
+        self.node.ready.set()
 
     async def _drain_stream(self, client: ReplicaClient, stream: asyncio.Task[None]) -> None:
         """The lease moved. A primary that stepped down cleanly has already

@@ -21,9 +21,15 @@ from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from litefs import ltx, walfile
+from litefs import ltx, sqlitefile, walfile
 from litefs.capture import NO_CRASH, CrashPoints
-from litefs.db import Database, NotPermitted, Position, PositionMismatch, ReadOnlyError
+from litefs.db import (
+    Database,
+    NotPermitted,
+    Position,
+    PositionMismatch,
+    ReadOnlyError,
+)
 from litefs.lease import PrimaryInfo
 from litefs.locking import DatabaseLock
 
@@ -50,6 +56,42 @@ def check_name(name: str) -> str:
         or len(name.encode()) > 1024
     ):
         raise InvalidName(f"invalid database name: {name!r}")
+    return name
+
+
+class NotPrimary(ReadOnlyError):
+    """Only the primary may do this; `primary` says where it is, if known."""
+
+    def __init__(self, message: str, primary: PrimaryInfo | None) -> None:
+        super().__init__(message)
+        self.primary = primary
+
+
+CURRENT_FOR = 2.0
+"""Seconds a replica that has applied all it received counts as current
+after it last heard from the primary, which sends a heartbeat every second
+when it has nothing else to send."""
+RESERVED_NAMES = (".primary", ".lag")
+"""Files the mount generates in its root."""
+POSITION_SUFFIX = "-pos"
+
+
+class ReservedName(InvalidName):
+    """A name the mount keeps for a file it generates."""
+
+
+def check_new_name(name: str) -> str:
+    """A name a new database or directory may take: a valid name that does
+    not collide with a file the mount generates. A database `bar-pos` would
+    hide the position file of `bar`, so no name ends in `-pos`."""
+    check_name(name)
+    if name in RESERVED_NAMES:
+        raise ReservedName(f"{name} is reserved: the mount generates it")
+    if name.rsplit("/", 1)[-1].endswith(POSITION_SUFFIX):
+        raise ReservedName(
+            f"{name}: database names may not end in {POSITION_SUFFIX}, "
+            f"which names the position file of {name[: -len(POSITION_SUFFIX)]}"
+        )
     return name
 
 
@@ -124,6 +166,9 @@ class Store:
         node: a commit after it is refused even if the lease loop is late."""
         self.on_commit: Listener | None = None
         """Called with a database's name after each transaction it captured."""
+        self._heard_at = -math.inf
+        self._current = False
+        self._current_at = time.monotonic()
 
     # -- life cycle -------------------------------------------------------
 
@@ -139,6 +184,22 @@ class Store:
             db.writable = self.role is Role.PRIMARY
             self._dbs[name] = db
             log.info("database %s: opened at %s", name, db.position)
+            self._warn_if_reserved(name)
+
+    def _warn_if_reserved(self, name: str) -> None:
+        """A database made before its name was reserved is kept, but the
+        generated file of the same name hides it: say how to move it."""
+        try:
+            check_new_name(name)
+        except ReservedName as exc:
+            log.warning(
+                "database %s: %s, so the mount may not show it; copy it out with "
+                "`litefs export -name %s FILE`, then remove %s while the node is stopped",
+                name,
+                exc,
+                name,
+                self.dbs_dir / name,
+            )
 
     def _scan(self, directory: Path, prefix: str) -> Iterator[tuple[str, Path]]:
         for entry in os.scandir(directory):
@@ -173,21 +234,46 @@ class Store:
 
     def set_role(self, role: Role, primary: PrimaryInfo | None) -> None:
         with self._lock:
+            changed = (role, primary) != (self.role, self.primary)
             self.role = role
             self.primary = primary
             if role is Role.PRIMARY:
                 self.commit_deadline = math.inf
+            if changed:
+                self._current, self._current_at = False, time.monotonic()
             for db in self._dbs.values():
                 with db.lock:  # a commit under way finishes first
                     db.writable = role is Role.PRIMARY
         self.observer.role_changed()
         for db in self.databases():
             self._notify(db.name)
+        if not changed:
+            return
         log.info(
             "node is now %s%s",
             role.value,
             f" (primary: {primary.hostname})" if primary and role is Role.REPLICA else "",
         )
+
+    def replica_heard(self, *, current: bool) -> None:
+        """The replica's stream delivered a frame; `current` when nothing the
+        primary sent is left to apply."""
+        now = time.monotonic()
+        self._heard_at = now
+        self._current = current
+        if current:
+            self._current_at = now
+
+    def lag(self) -> float:
+        """Seconds this node is behind the primary: 0 on the primary and on a
+        replica whose stream is live with nothing left to apply; otherwise
+        the time since it last was (or since start-up, if never)."""
+        if self.is_primary:
+            return 0.0
+        now = time.monotonic()
+        if self._current and now - self._heard_at <= CURRENT_FOR:
+            return 0.0
+        return now - self._current_at
 
     # -- databases --------------------------------------------------------
 
@@ -203,6 +289,7 @@ class Store:
 
     def create_database(self, name: str, mode: int = 0o644) -> Database:
         """Create an empty database; only the primary may."""
+        check_new_name(name)
         with self._lock:
             if not self.is_primary:
                 raise ReadOnlyError(f"cannot create database {name}: this node is a replica")
@@ -223,6 +310,7 @@ class Store:
 
     def rename_database(self, old: str, new: str) -> None:
         """Rename a database that has no replicated history (TXID 0)."""
+        check_new_name(new)
         with self._lock:
             db = self._dbs[old]
             if db.position.txid:
@@ -237,6 +325,7 @@ class Store:
 
     def rename_directory(self, old: str, new: str) -> None:
         """Rename a directory; refused when it holds replicated databases."""
+        check_new_name(new)
         with self._lock:
             prefix = old + "/"
             inside = [name for name in self._dbs if name.startswith(prefix)]
@@ -316,6 +405,66 @@ class Store:
             raise
         return out, position
 
+    def export_database(self, name: str) -> tuple[Path, Position]:
+        """A consistent copy of `name` in the scratch directory, on any node;
+        the caller deletes it once sent. Runs in a worker thread."""
+        db = self._dbs.get(name)
+        if db is None or db.position.txid == 0:
+            raise KeyError(name)
+        lock = self._sqlite_lock(name)
+        out = self.scratch_path("export")
+        try:
+            position = db.copy_committed(out, lock.shared() if lock else contextlib.nullcontext())
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+        return out, position
+
+    def import_database(self, name: str, source: Path) -> Position:
+        """Replace or create `name` with the SQLite file `source`, as one
+        snapshot LTX file that replicas receive like any other (primary
+        only). `source` is checked in full first, and consumed.
+
+        Runs in a worker thread: it waits for SQLite's EXCLUSIVE lock
+        through the mount, as a replica applying a file does.
+        """
+        check_new_name(name)
+        self._check_primary(f"cannot import {name}")
+        sqlitefile.check(source)
+        db = self._dbs.get(name)
+        ltx_path = self.scratch_path("import")
+        try:
+            if db is None:
+                txid = 1
+            else:
+                sqlitefile.follow_change_counter(source, os.pread(db.fd, 100, 0))
+                txid = db.position.txid + 1
+            with open(source, "rb") as src, open(ltx_path, "wb") as out:
+                ltx.encode_snapshot(src, out, txid=txid)
+            with self._lock:
+                self._check_primary(f"cannot import {name}")
+                if not self.commit_allowed():
+                    raise ReadOnlyError(f"cannot import {name}: the lease is about to pass")
+                db = self._dbs.get(name)
+            if db is None:
+                position = self._create_from(name, ltx_path, writable=True)
+            else:
+                position = db.apply_ltx(ltx_path, self._exclusive(db, self._sqlite_lock(name)))
+        finally:
+            ltx_path.unlink(missing_ok=True)
+        log.info("database %s: imported at %s", name, position)
+        self.committed(name)
+        return position
+
+    def _check_primary(self, what: str) -> None:
+        if not self.is_primary:
+            primary = self.primary
+            where = f"; the primary is {primary.hostname}" if primary else ""
+            raise NotPrimary(f"{what}: this node is a replica{where}", primary)
+
+    def scratch_path(self, purpose: str) -> Path:
+        return self.tmp_dir / f"{purpose}-{threading.get_ident()}-{time.monotonic_ns()}"
+
     def incoming_path(self) -> Path:
         """Where a replica writes an LTX file while it arrives."""
         return self.tmp_dir / f"incoming-{threading.get_ident()}-{time.monotonic_ns()}.ltx"
@@ -340,8 +489,8 @@ class Store:
         self._notify(name)
         return position
 
-    def _create_from(self, name: str, path: Path) -> Position:
-        """A database the replica does not have yet, made from a snapshot
+    def _create_from(self, name: str, path: Path, *, writable: bool = False) -> Position:
+        """A database this node does not have yet, made from a snapshot
         aside and moved into place whole: no reader ever sees it empty."""
         with open(path, "rb") as f:  # nothing is created for a file that fails
             header, _ = ltx.verify(f)
@@ -362,9 +511,11 @@ class Store:
                 final = self.path_of(name)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(staging, final)
+                if name in self._dbs:
+                    raise FileExistsError(f"database {name} appeared while it was being made")
                 db = self._database(name, final)
                 db.open()
-                db.writable = False
+                db.writable = writable
                 self._dbs[name] = db
         finally:
             shutil.rmtree(staging, ignore_errors=True)

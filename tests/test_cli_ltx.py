@@ -196,6 +196,28 @@ def test_apply_stops_at_the_first_bad_file(work: Path) -> None:
     assert db.read_bytes() == (GOLDEN / "db-2.sqlite").read_bytes()
 
 
+def test_apply_refuses_to_overwrite_a_file_that_is_not_a_database(work: Path) -> None:
+    notes = work / "notes.txt"
+    notes.write_text("my notes\n")
+    assert_one_line_error(run("apply", "-db", notes, FILES[0]), "not a SQLite database", "-force")
+    assert notes.read_text() == "my notes\n"
+
+
+def test_apply_refuses_a_snapshot_over_an_unrelated_database(work: Path) -> None:
+    db = work / "db-3.sqlite"
+    before = db.read_bytes()
+    assert_one_line_error(run("apply", "-db", db, FILES[0]), "replace this database whole")
+    assert db.read_bytes() == before
+
+
+def test_apply_with_force_replaces_the_file(work: Path) -> None:
+    notes = work / "notes.txt"
+    notes.write_text("my notes\n")
+    result = run("apply", "-force", "-db", notes, *FILES)
+    assert result.returncode == 0, result.stderr
+    assert notes.read_bytes() == (GOLDEN / "db-3.sqlite").read_bytes()
+
+
 def test_apply_will_not_create_a_database_from_a_change(work: Path) -> None:
     db = work / "new.db"
     result = run("apply", "-db", db, FILES[1])

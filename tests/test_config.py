@@ -161,8 +161,23 @@ BROKEN = [
         "lease.etcd.endpoints",
         "not a single string",
     ),
-    ("exec-mapping", full(("exec", {"cmd": "x"})), "exec", "command string or a list"),
-    ("exec-item-not-string", full(("exec", ["myapp", 3])), "exec[1]", "must be a string"),
+    ("exec-mapping", full(("exec", {"cmd": "x"})), "exec", "command string or a list of commands"),
+    ("exec-item-not-string", full(("exec", [{"cmd": "m"}, 3])), "exec[1]", "must be a mapping"),
+    ("exec-argv-list", full(("exec", ["myapp", "-v"])), "exec[0]", "must be a mapping"),
+    ("exec-entry-no-cmd", full(("exec", [{"if-candidate": True}])), "exec[0].cmd", "required"),
+    (
+        "exec-entry-typo",
+        full(("exec", [{"cmd": "m", "if_candidate": True}])),
+        "exec[0].if_candidate",
+        "did you mean exec[0].if-candidate",
+    ),
+    (
+        "exec-entry-flag",
+        full(("exec", [{"cmd": "m", "if-candidate": "yes"}])),
+        "exec[0].if-candidate",
+        "true or false",
+    ),
+    ("exec-bad-quoting", full(("exec", "myapp 'unclosed")), "exec", "cannot be split"),
     ("exec-empty-list", full(("exec", [])), "exec", "empty list"),
     # Durations.
     ("duration-bare-number", full(("data.retention", 10)), "data.retention", "has no unit"),
@@ -357,7 +372,7 @@ def test_full_shape_defaults() -> None:
         ),
         etcd=None,
     )
-    assert cfg.exec is None
+    assert cfg.exec == ()
     assert cfg.log == config.LogConfig(format="text", debug=False)
 
 
@@ -382,7 +397,10 @@ lease:
     endpoints: [http://e1:2379, https://e2:2379]
     key: apps/db/primary
     ttl: 15s
-exec: [myapp, --port, "8080"]
+exec:
+  - cmd: myapp migrate
+    if-candidate: true
+  - cmd: myapp --port "80 80"
 log:
   format: json
   debug: true
@@ -402,7 +420,10 @@ log:
             endpoints=("http://e1:2379", "https://e2:2379"), key="apps/db/primary", ttl=15.0
         ),
     )
-    assert cfg.exec == ("myapp", "--port", "8080")
+    assert cfg.exec == (
+        config.ExecCommand(("myapp", "migrate"), if_candidate=True),
+        config.ExecCommand(("myapp", "--port", "80 80"), if_candidate=False),
+    )
     assert cfg.log == config.LogConfig(format="json", debug=True)
 
 
@@ -432,7 +453,9 @@ def test_etcd_defaults() -> None:
 
 
 def test_exec_as_a_command_string() -> None:
-    assert parse(full(("exec", "myapp -addr :8080"))).exec == "myapp -addr :8080"
+    assert parse(full(("exec", "myapp -addr ':8080'"))).exec == (
+        config.ExecCommand(("myapp", "-addr", ":8080")),
+    )
 
 
 def test_listen_address_with_host() -> None:
@@ -458,7 +481,7 @@ def test_seed_shape_defaults() -> None:
         ),
         etcd=None,
     )
-    assert cfg.exec is None
+    assert cfg.exec == ()
     assert cfg.log == config.LogConfig(format="text", debug=False)
 
 
@@ -531,7 +554,7 @@ exec: "echo $$HOME $PATH"
     assert cfg.lease.candidate is False
     assert cfg.lease.consul is not None
     assert cfg.lease.consul.key == "price$/node7"
-    assert cfg.exec == "echo $HOME $PATH"
+    assert cfg.exec == (config.ExecCommand(("echo", "$HOME", "$PATH")),)
 
 
 @pytest.mark.parametrize(
@@ -655,8 +678,10 @@ def test_example_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.lease.hostname == "node1"
     assert cfg.lease.advertise_url == "http://node1:20202"
     assert cfg.lease.candidate is True
-    assert cfg.fuse.dir == Path("/litefs").resolve()
-    assert cfg.data.dir == Path("/var/lib/litefs").resolve()
+    # The README mounts /var/lib/litefs, and keeps data in its dot-sibling.
+    assert cfg.fuse.dir == Path("/var/lib/litefs").resolve()
+    assert cfg.data.dir == Path("/var/lib/.litefs").resolve()
+    assert [command.if_candidate for command in cfg.exec] == [True, False]
 
 
 def test_example_file_mentions_every_full_shape_setting() -> None:

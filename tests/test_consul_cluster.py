@@ -27,6 +27,7 @@ import pytest
 import yaml
 from consul_process import ConsulProcess, consul_for_test, unique_key
 from node_process import NodeProcess
+from waiting import wait_for
 
 from litefs.cluster import abort_fuse_connection, fuse_connection
 
@@ -218,16 +219,6 @@ def follows(node: NodeProcess, primary: NodeProcess) -> bool:
         and answer["role"] == "replica"
         and answer["primary"] == {"hostname": primary.name, "advertise-url": primary.url}
     )
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until `condition` held; fails naming `what` after `timeout`."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.01)
-    return time.monotonic() - started
 
 
 def log_since(node: NodeProcess, offset: int) -> str:

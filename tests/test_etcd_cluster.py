@@ -28,6 +28,7 @@ import pytest
 from conftest import StartNode
 from etcd_server import EtcdServer, etcd_server
 from node_process import NodeProcess
+from waiting import wait_for
 
 from litefs import ltx
 
@@ -143,16 +144,6 @@ def txid(node: NodeProcess, db: str = DB) -> int:
     return int(position(node, db).split("/")[0], 16)
 
 
-def wait_for(
-    condition: Callable[[], bool], timeout: float = SETTLE_TIMEOUT, what: str = ""
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not met within {timeout:g} s: {what or condition}")
-        time.sleep(0.02)
-
-
 def elected(nodes: Sequence[NodeProcess]) -> NodeProcess | None:
     """The primary, if exactly one node says it is and every other follows it."""
     answers = [info(node) for node in nodes]
@@ -192,7 +183,7 @@ def wait_identical(nodes: Sequence[NodeProcess], db: str = DB) -> str:
         seen = {position(node, db) for node in nodes}
         return len(seen) == 1 and "" not in seen
 
-    wait_for(same, what=f"every node at one position of {db}")
+    wait_for(same, what=f"every node at one position of {db}", timeout=SETTLE_TIMEOUT)
     pos = position(nodes[0], db)
     checksum = int(pos.split("/")[1], 16)
     contents = {node.committed_database(db) for node in nodes}
@@ -491,7 +482,11 @@ def test_writer_through_repeated_failovers_loses_no_acknowledged_transaction(
             if how == "SIGINT":
                 started = time.monotonic()
                 old.process.send_signal(signal.SIGINT)
-                wait_for(partial(is_not_primary, old), what="the old primary to step down")
+                wait_for(
+                    partial(is_not_primary, old),
+                    what="the old primary to step down",
+                    timeout=SETTLE_TIMEOUT,
+                )
             else:
                 wait_identical(cluster.nodes)
                 started = time.monotonic()
@@ -645,7 +640,7 @@ def test_primary_frozen_while_renewing_its_lease_refuses_writes_on_resuming(
     through_proxy = etcd_lease(etcd_server)
     through_proxy["lease"]["etcd"]["endpoints"] = [etcd_proxy.url]
     old = start_node("node1", settings=through_proxy)
-    wait_for(lambda: role(old) == "primary", what="node1 to be the primary")
+    wait_for(lambda: role(old) == "primary", what="node1 to be the primary", timeout=SETTLE_TIMEOUT)
     old.sqlite(DB, "CREATE TABLE t (x);")
     others = [start_node(name, settings=etcd_lease(etcd_server)) for name in ("node2", "node3")]
     cluster = Cluster(etcd_server, [old, *others])

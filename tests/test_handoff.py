@@ -17,6 +17,7 @@ from consul_process import consul_for_test, unique_key
 from etcd_server import EtcdServer
 from etcd_server import etcd_server as etcd_server
 from node_process import NodeProcess
+from waiting import wait_for
 
 pytestmark = pytest.mark.fuse
 
@@ -33,13 +34,6 @@ def role(node: NodeProcess) -> str | None:
             return str(json.load(response)["role"])
     except OSError:
         return None
-
-
-def wait_for(condition: Any, timeout: float = SETTLE) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def writable(node: NodeProcess) -> bool:
@@ -74,12 +68,15 @@ def test_handoff_works_with_a_consul_lease(start_node: StartNode, tmp_path: Path
 
 def assert_handoff_works(nodes: list[NodeProcess]) -> None:
     wait_for(
-        lambda: sorted(role(n) or "" for n in nodes) == ["primary"] + ["replica"] * (len(nodes) - 1)
+        lambda: (
+            sorted(role(n) or "" for n in nodes) == ["primary"] + ["replica"] * (len(nodes) - 1)
+        ),
+        timeout=SETTLE,
     )
     primary = next(n for n in nodes if role(n) == "primary")
     target = next(n for n in nodes if n is not primary)
     primary.sqlite("my.db", "CREATE TABLE t (x);")
-    wait_for(lambda: (target.mount_dir / "my.db-pos").exists())
+    wait_for(lambda: (target.mount_dir / "my.db-pos").exists(), timeout=SETTLE)
 
     started = time.monotonic()
     handoff(primary, target)
@@ -89,13 +86,14 @@ def assert_handoff_works(nodes: list[NodeProcess]) -> None:
 
     assert role(target) == "primary"
     assert not writable(primary)
-    wait_for(lambda: role(primary) == "replica")
+    wait_for(lambda: role(primary) == "replica", timeout=SETTLE)
     target.sqlite("my.db", "INSERT INTO t VALUES ('after');")
     wait_for(
         lambda: all(
             (n.mount_dir / "my.db-pos").read_text() == (target.mount_dir / "my.db-pos").read_text()
             for n in nodes
-        )
+        ),
+        timeout=SETTLE,
     )
 
 
@@ -103,7 +101,7 @@ def test_handoff_to_an_unknown_replica_is_refused(
     start_node: StartNode, etcd_server: EtcdServer
 ) -> None:
     nodes = [start_node(name, settings=etcd_settings(etcd_server)) for name in ("a", "b")]
-    wait_for(lambda: sorted(role(n) or "" for n in nodes) == ["primary", "replica"])
+    wait_for(lambda: sorted(role(n) or "" for n in nodes) == ["primary", "replica"], timeout=SETTLE)
     primary = next(n for n in nodes if role(n) == "primary")
     result = subprocess.run(
         [sys.executable, "-m", "litefs", "handoff", "-url", primary.url, "-to", "nobody"],

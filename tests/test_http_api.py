@@ -12,10 +12,9 @@ import asyncio
 import io
 import itertools
 import json
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,6 +22,7 @@ import pytest
 from conftest import StartNode
 from node_process import NodeProcess
 from prometheus_client.parser import text_string_to_metric_families
+from waiting import wait_for
 
 from litefs import ltx
 
@@ -82,14 +82,6 @@ def metrics(node: NodeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
         for family in text_string_to_metric_families(answer.body.decode())
         for sample in family.samples
     }
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.02)
 
 
 def position_file(node: NodeProcess, db: str) -> dict[str, str]:

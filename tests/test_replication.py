@@ -6,13 +6,12 @@ import errno
 import os
 import sqlite3
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import StartNode
 from node_process import NodeProcess
+from waiting import wait_for
 
 from litefs import ltx
 
@@ -28,16 +27,8 @@ def position(node: NodeProcess, db: str) -> str:
         return ""
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = CATCH_UP_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-
-
 def wait_caught_up(primary: NodeProcess, replica: NodeProcess, db: str) -> None:
-    wait_for(lambda: position(replica, db) == position(primary, db) != "")
+    wait_for(lambda: position(replica, db) == position(primary, db) != "", timeout=CATCH_UP_TIMEOUT)
 
 
 def assert_identical(primary: NodeProcess, replica: NodeProcess, db: str) -> None:
@@ -195,7 +186,7 @@ def test_several_databases_replicate_and_deletions_follow(
         assert replica.sqlite(name, "SELECT x FROM t;").stdout.strip() == name
 
     os.unlink(primary.mount_dir / "b.db")
-    wait_for(lambda: not (replica.mount_dir / "b.db").exists())
+    wait_for(lambda: not (replica.mount_dir / "b.db").exists(), timeout=CATCH_UP_TIMEOUT)
     assert not replica.db_dir("b.db").exists()
     assert sorted(os.listdir(replica.mount_dir)) == [".primary", "a.db", "sub"]
 

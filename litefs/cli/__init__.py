@@ -37,13 +37,14 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> Parser:
-    from litefs.cli import daemon, ltx
+    from litefs.cli import daemon, databases, ltx
 
     parser = Parser(
         prog="litefs",
         description="LiteFS: a FUSE filesystem that replicates SQLite databases.",
     )
-    daemon.add_config_flag(parser)
+    daemon.add_config_flag(parser, top_level=True)
+    parser.add_argument("--version", "-version", action="version", version=f"litefs {__version__}")
     parser.set_defaults(handler=daemon.run_mount)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=Parser)
 
@@ -51,6 +52,7 @@ def build_parser() -> Parser:
     version.set_defaults(handler=_print_version)
 
     daemon.register(commands)
+    databases.register(commands)
     ltx.register(commands)
     return parser
 

@@ -10,28 +10,82 @@ mount is gone afterwards even when applications still hold files open.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import fcntl
+import json
 import logging
 import os
+import shlex
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
+from litefs import config as configuration
 from litefs.cli import EXIT_USAGE, CommandError
+from litefs.config import Config, ExecCommand
 from litefs.mountpoint import is_mounted, unmount
 
 log = logging.getLogger("litefs")
 
 
-def add_config_flag(parser: argparse.ArgumentParser) -> None:
+CONFIG_HELP = (
+    "configuration file (default: ./litefs.yml, then /etc/litefs.yml; "
+    "docs/configuration.md describes it)"
+)
+
+
+def add_config_flag(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
+    """`-config` is accepted before the command and after it. The command's
+    copy leaves the value alone when not given (SUPPRESS), so a flag given
+    before the command is not overwritten by the command's default."""
     parser.add_argument(
-        "-config", "--config", dest="config", metavar="FILE", help="configuration file"
+        "-config",
+        "--config",
+        dest="config",
+        metavar="FILE",
+        help=CONFIG_HELP,
+        default=None if top_level else argparse.SUPPRESS,
     )
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    mount = commands.add_parser("mount", help="mount the filesystem and run a node")
+    mount = commands.add_parser(
+        "mount",
+        help="mount the filesystem and run a node",
+        description="Mount the filesystem and run a node until SIGINT or SIGTERM, or until "
+        "the application it runs exits. Without -config the configuration is read from "
+        "./litefs.yml, then /etc/litefs.yml.",
+    )
     add_config_flag(mount)
+    mount.add_argument(
+        "-check",
+        "--check",
+        dest="check",
+        action="store_true",
+        help="check the configuration file and exit without mounting",
+    )
+    mount.add_argument(
+        "command",
+        nargs="*",
+        metavar="-- CMD ARGS",
+        help="run CMD with ARGS as the application once the node is ready, instead of exec",
+    )
     mount.set_defaults(handler=run_mount)
+
+    config = commands.add_parser("config", help="work with the configuration file")
+    config_commands = config.add_subparsers(
+        title="commands", metavar="COMMAND", parser_class=type(config), required=True
+    )
+    check = config_commands.add_parser(
+        "check",
+        help="check a configuration file without mounting",
+        description="Check a configuration file and exit: status 0 and a summary when it is "
+        "usable, status 2 and the mistake otherwise.",
+    )
+    add_config_flag(check)
+    check.set_defaults(handler=run_config_check)
 
     handoff = commands.add_parser(
         "handoff", help="hand the primary role to a caught-up replica (Consul and etcd leases)"
@@ -50,49 +104,84 @@ def register(commands: argparse._SubParsersAction) -> None:
     handoff.set_defaults(handler=run_handoff)
 
 
+def load_config(path: str | None) -> Config:
+    """The configuration, or the one-line mistake and exit status 2."""
+    try:
+        return configuration.load(path)
+    except configuration.ConfigError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+
+
+def node_url(args: argparse.Namespace) -> str:
+    """The node to talk to: `-url`, or this node's own `http.addr`."""
+    url: str | None = getattr(args, "url", None)
+    if url is None:
+        cfg = load_config(getattr(args, "config", None))
+        host = cfg.http.host or "127.0.0.1"
+        return f"http://{'[' + host + ']' if ':' in host else host}:{cfg.http.port}"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CommandError(
+            f"-url must be an http:// or https:// URL naming a host, got {url!r}", EXIT_USAGE
+        )
+    return url.rstrip("/")
+
+
+def run_config_check(args: argparse.Namespace) -> int:
+    return report_config(load_config(getattr(args, "config", None)))
+
+
+def report_config(cfg: Config) -> int:
+    """What a node started with `cfg` would do, in a few lines."""
+    print(f"{cfg.source}: ok")
+    print(f"  mount {cfg.fuse.dir}, data {cfg.data.dir}, http {cfg.http.addr}")
+    role = "candidate" if cfg.lease.candidate else "replica only"
+    print(f"  lease {cfg.lease.type} ({role}), hostname {cfg.lease.hostname}")
+    for command in cfg.exec:
+        when = " (if candidate)" if command.if_candidate else ""
+        print(f"  exec {shlex.join(command.argv)}{when}")
+    return 0
+
+
 def run_handoff(args: argparse.Namespace) -> int:
     """Ask the primary to hand its role over, and report what it answered."""
-    import json
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    url = args.url
-    if url is None:
-        from litefs import config as configuration
-
-        try:
-            cfg = configuration.load(args.config)
-        except configuration.ConfigError as exc:
-            raise CommandError(str(exc), EXIT_USAGE) from None
-        host = cfg.http.host or "127.0.0.1"
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{cfg.http.port}"
-    target = f"{url.rstrip('/')}/handoff?{urllib.parse.urlencode({'to': args.to})}"
-    request = urllib.request.Request(target, method="POST", data=b"")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            answer = json.load(response)
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.load(exc).get("error", exc.reason)
-        except ValueError:
-            message = exc.reason
-        raise CommandError(f"handoff refused ({exc.code}): {message}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise CommandError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
+    url = node_url(args)
+    target = f"{url}/handoff?{urllib.parse.urlencode({'to': args.to})}"
+    answer = request_json(url, target, method="POST", failure="handoff refused")
     print(f"primary role handed off to {answer.get('primary', args.to)}")
     return 0
 
 
+def request_json(url: str, target: str, *, method: str, failure: str) -> dict[str, object]:
+    """One HTTP request to a node; its JSON error becomes the message."""
+    request = urllib.request.Request(target, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer: dict[str, object] = json.load(response)
+            return answer
+    except urllib.error.HTTPError as exc:
+        raise CommandError(f"{failure} ({exc.code}): {error_message(exc)}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CommandError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
+
+
+def error_message(exc: urllib.error.HTTPError) -> str:
+    try:
+        return str(json.load(exc).get("error", exc.reason))
+    except ValueError:
+        return str(exc.reason)
+
+
 def run_mount(args: argparse.Namespace) -> int:
-    from litefs import config as configuration
     from litefs.logs import setup_logging
     from litefs.node import Node
 
-    try:
-        cfg = configuration.load(args.config)
-    except configuration.ConfigError as exc:
-        raise CommandError(str(exc), EXIT_USAGE) from None
+    cfg = load_config(getattr(args, "config", None))
+    command = getattr(args, "command", None)
+    if command:
+        cfg = dataclasses.replace(cfg, exec=(ExecCommand(tuple(command)),))
+    if getattr(args, "check", False):
+        return report_config(cfg)
     setup_logging(cfg.log.format, cfg.log.debug)
     lock = lock_data_dir(cfg.data.dir)
     try:
@@ -128,6 +217,10 @@ def prepare_mount_dir(mount_dir: Path) -> None:
         mount_dir.mkdir(parents=True)
         return
     except OSError as exc:
+        if exc.errno == errno.ENOTDIR:
+            raise CommandError(
+                f"mount directory {mount_dir} is not a directory", EXIT_USAGE
+            ) from None
         if exc.errno != errno.ENOTCONN:
             raise CommandError(f"cannot use mount directory {mount_dir}: {exc.strerror}") from None
         log.warning("clearing a stale mount at %s left by a daemon that is gone", mount_dir)
@@ -139,4 +232,4 @@ def prepare_mount_dir(mount_dir: Path) -> None:
             f"unmount it first with: fusermount3 -u {mount_dir}"
         )
     if not mount_dir.is_dir():
-        raise CommandError(f"mount directory {mount_dir} is not a directory")
+        raise CommandError(f"mount directory {mount_dir} is not a directory", EXIT_USAGE)

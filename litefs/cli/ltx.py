@@ -68,6 +68,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         "database is created only when the first file is a snapshot.",
     )
     apply.add_argument("-db", "--db", required=True, metavar="DB", help="database file")
+    apply.add_argument(
+        "-force",
+        "--force",
+        action="store_true",
+        help="let a snapshot replace a file that is not empty, or a file that is not a "
+        "SQLite database",
+    )
     apply.add_argument("files", nargs="+", metavar="FILE")
     apply.set_defaults(handler=run_apply)
 
@@ -246,6 +253,8 @@ def run_apply(args: argparse.Namespace) -> int:
     fd, created = _open_database(db, args.files[0])
     applied = 0
     try:
+        if not created and not args.force:
+            _refuse_unrelated(db, fd, args.files[0])
         for path in args.files:
             try:
                 with open(path, "rb") as f:
@@ -262,6 +271,25 @@ def run_apply(args: argparse.Namespace) -> int:
     finally:
         os.close(fd)
     return 0
+
+
+def _refuse_unrelated(db: str, fd: int, first: str) -> None:
+    """A file that is not a SQLite database, or that a snapshot would replace
+    whole, is not touched without -force: the database the LTX files
+    continue is the one whose checksum the first file names."""
+    head = os.pread(fd, len(ltx.SQLITE_MAGIC), 0)
+    if head and head != ltx.SQLITE_MAGIC:
+        raise CommandError(f"{db}: not a SQLite database; refusing to overwrite it (use -force)")
+    try:
+        with open(first, "rb") as f:
+            header = ltx.Decoder(f).header
+    except (OSError, ltx.LTXError) as exc:
+        raise CommandError(_reason(exc, first)) from None
+    if header.is_snapshot and head:
+        raise CommandError(
+            f"{db}: {first} is a snapshot that would replace this database whole; "
+            "refusing (use -force, or apply it to a new file)"
+        )
 
 
 def run_encode_db(args: argparse.Namespace) -> int:

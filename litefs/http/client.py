@@ -127,6 +127,7 @@ class ReplicaClient:
             frame = await protocol.read_frame(reader)
             self.last_frame = time.monotonic()
             if frame.type is FrameType.LTX:
+                self.store.replica_heard(current=False)
                 await self._receive(reader, protocol.database_name(frame))
             elif frame.type is FrameType.READY:
                 if not self.ready.is_set():
@@ -147,6 +148,7 @@ class ReplicaClient:
             elif frame.type is FrameType.END:
                 log.info("primary ended the stream: %s", frame.text)
                 raise StreamEnded(frame.text)
+            self.store.replica_heard(current=self.ready.is_set())
 
     async def _receive_file(self, reader: protocol.Reader, path: Path) -> tuple[int, ltx.Header]:
         size = 0

@@ -1,4 +1,5 @@
-"""The node's HTTP server: the replication stream, /info and /metrics.
+"""The node's HTTP server: the replication stream, /info, /metrics, /import,
+/export and /handoff.
 
 It runs on asyncio in the daemon's second thread. The stream handler wakes on
 store change notices (delivered with `call_soon_threadsafe`), never polls,
@@ -17,17 +18,18 @@ from typing import Any
 
 from aiohttp import web
 
-from litefs import ltx
-from litefs.db import EMPTY_POSITION, Position
+from litefs import ltx, sqlitefile
+from litefs.db import EMPTY_POSITION, DatabaseError, Position
 from litefs.http import protocol
 from litefs.http.metrics import Metrics
 from litefs.http.protocol import FrameType
-from litefs.store import Store
+from litefs.store import InvalidName, NotPrimary, Store, check_new_name
 
 log = logging.getLogger("litefs.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SMALL_FILE = 1 << 20
+UPLOAD_CHUNK = 1 << 20
 HANDOFF_CATCH_UP = 5.0
 
 
@@ -70,8 +72,15 @@ class Server:
         self.app.router.add_post(protocol.STREAM_PATH, self.stream)
         self.app.router.add_get("/info", self.info)
         self.app.router.add_get("/metrics", self.render_metrics)
-        self.app.router.add_post("/handoff", self.handoff)
+        self.app.router.add_get("/export", self.export)
+        self._add_change("/handoff", self.handoff)
+        self._add_change("/import", self.import_database)
         self._runner: web.AppRunner | None = None
+
+    def _add_change(self, path: str, handler: Handler) -> None:
+        """Every request that changes the cluster's state is routed here, so
+        a check that applies to all of them has one place to go."""
+        self.app.router.add_post(path, handler)
 
     async def start(self, host: str, port: int) -> None:
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
@@ -115,6 +124,79 @@ class Server:
 
     async def render_metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain")
+
+    # -- import and export -----------------------------------------------------
+
+    async def import_database(self, request: web.Request) -> web.Response:
+        """Replace or create a database with the SQLite file in the body
+        (primary only); the file is checked in full before anything changes."""
+        name = request.query.get("name", "")
+        if not name or set(request.query) - {"name"}:
+            return json_error(400, "import takes one parameter: name=<database>")
+        try:
+            check_new_name(name)
+        except InvalidName as exc:
+            return json_error(400, str(exc))
+        if not self.store.is_primary:
+            return self._not_primary(f"cannot import {name}")
+        loop = asyncio.get_running_loop()
+        upload = self.store.scratch_path("upload")
+        try:
+            with open(upload, "wb") as out:
+                while chunk := await request.content.read(UPLOAD_CHUNK):
+                    await loop.run_in_executor(None, out.write, chunk)
+            position = await loop.run_in_executor(None, self.store.import_database, name, upload)
+        except sqlitefile.InvalidSQLiteFile as exc:
+            return json_error(400, f"{name}: {exc}; nothing was changed")
+        except NotPrimary:
+            return self._not_primary(f"cannot import {name}")
+        except DatabaseError as exc:
+            return json_error(409, str(exc))
+        except FileExistsError:
+            return json_error(409, f"{name} was created while it was being imported; try again")
+        finally:
+            upload.unlink(missing_ok=True)
+        return web.json_response(
+            {"name": name, "txid": f"{position.txid:016x}", "checksum": f"{position.checksum:016x}"}
+        )
+
+    def _not_primary(self, what: str) -> web.Response:
+        primary = self.store.primary
+        if primary is None:
+            return json_error(409, f"{what}: this node is not the primary", primary=None)
+        return json_error(
+            409,
+            f"{what}: this node is a replica; the primary is {primary.hostname} "
+            f"at {primary.advertise_url}",
+            primary=primary.advertise_url,
+        )
+
+    async def export(self, request: web.Request) -> web.StreamResponse:
+        """A consistent copy of a database, from any node."""
+        name = request.query.get("name", "")
+        if not name or set(request.query) - {"name"}:
+            return json_error(400, "export takes one parameter: name=<database>")
+        loop = asyncio.get_running_loop()
+        try:
+            path, position = await loop.run_in_executor(None, self.store.export_database, name)
+        except (KeyError, InvalidName):
+            return json_error(404, f"no database named {name!r}")
+        try:
+            response = web.StreamResponse(
+                headers={
+                    "Content-Type": "application/vnd.sqlite3",
+                    "Content-Length": str(path.stat().st_size),
+                    "LiteFS-Position": str(position),
+                }
+            )
+            await response.prepare(request)
+            with open(path, "rb") as f:
+                while block := await loop.run_in_executor(None, f.read, UPLOAD_CHUNK):
+                    await response.write(block)
+            await response.write_eof()
+        finally:
+            path.unlink(missing_ok=True)
+        return response
 
     # -- handoff --------------------------------------------------------------
 
