@@ -207,7 +207,7 @@ class FileSystem(pyfuse3.Operations):
                     self.dbs_dir / base / BACKING_NAMES[kind]
                 ):
                     return kind, path, base
-                return None
+                break  # a database may bear the name (made while `base` did not exist)
         if store.database(path) is not None:
             return Kind.DATABASE, path, path
         if os.path.isdir(self.dbs_dir / path):
@@ -628,8 +628,6 @@ class FileSystem(pyfuse3.Operations):
         handle = self._handles[fh]
         assert isinstance(handle, Handle)
         if handle.fd >= 0:
-            if _is_own_thread(handle.pid):
-                return  # the store pulling cached pages: the kernel wrote them back already
             with _as_fuse_errors():
                 file = handle.file
                 if file is not None:
@@ -803,6 +801,18 @@ class FileSystem(pyfuse3.Operations):
 
     def role_changed(self) -> None:
         _quietly(pyfuse3.invalidate_entry, pyfuse3.ROOT_INODE, PRIMARY_FILE.encode())
+
+    def pull_cached_pages(self, name: str) -> None:
+        """Invalidating a file makes the kernel write back its dirty pages
+        first, and wait for them: the FUSE loop must be free to serve those
+        writes. (Syncing the file through the mount would keep its clean
+        pages, but a path lookup can wait for the directory lock of the
+        very request that asked for the pages: an unlink.)"""
+        if trio.lowlevel.in_trio_run():
+            raise RuntimeError("cached pages pulled from the FUSE loop would never arrive")
+        node = self._paths.get(name)
+        if node is not None:
+            _quietly(pyfuse3.invalidate_inode, node.ino, False)
 
     def _invalidate_names(self, name: str) -> None:
         """Drop cached lookups (negative ones too) of a database, its

@@ -111,6 +111,10 @@ class MountObserver(Protocol):
 
     def role_changed(self) -> None: ...
 
+    def pull_cached_pages(self, name: str) -> None:
+        """Have the kernel write back the database's pages it caches."""
+        ...
+
 
 class NullObserver:
     def database_changed(self, name: str) -> None:
@@ -123,6 +127,9 @@ class NullObserver:
         return None
 
     def role_changed(self) -> None:
+        return None
+
+    def pull_cached_pages(self, name: str) -> None:
         return None
 
 
@@ -364,15 +371,7 @@ class Store:
         self._notify(name)
 
     def pull_cached_pages(self, name: str) -> None:
-        """Syncing the database through the mount makes the kernel write
-        back what it caches of it, and keeps its clean pages cached."""
-        if self.mount_dir is None:
-            return
-        fd = os.open(self.mount_dir / name, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self.observer.pull_cached_pages(name)
 
     # -- replication ------------------------------------------------------
 

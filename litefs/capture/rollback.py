@@ -60,7 +60,7 @@ class RollbackJournal:
         return size == 0 and self._ending_blocks()
 
     def remove_blocks(self) -> bool:
-        return self._ending_blocks()
+        return self._removal_pulls() or self.db.written_bytes() > SMALL_TRANSACTION
 
     def settle(self, wait: bool = True) -> None:
         return None
@@ -99,7 +99,15 @@ class RollbackJournal:
             os.truncate(self.path, size)
 
     def remove(self, wait: bool = True) -> None:
-        self._commit_then(lambda: os.unlink(self.path), wait)
+        self._commit_then(lambda: os.unlink(self.path), wait, pull=self._removal_pulls())
+
+    def _removal_pulls(self) -> bool:
+        """Deleting the journal ends a transaction whose header the daemon
+        saw unless SQLite wrote no page of it: without `synchronous=OFF`
+        the header is synced before the first page, and with OFF it is
+        written with its magic from the start and reaches the daemon when
+        the journal is closed, before it is deleted."""
+        return self.active and not self.database_synced
 
     def database_was_synced(self) -> None:
         """The database file was synced: the daemon holds all its pages."""
@@ -118,18 +126,20 @@ class RollbackJournal:
             self.database_synced = False
         self.active = True
 
-    def _commit_then(self, end: Callable[[], T], wait: bool) -> T:
-        self.commit(wait)
+    def _commit_then(self, end: Callable[[], T], wait: bool, *, pull: bool | None = None) -> T:
+        self.commit(wait, pull=pull)
         self.crash("before-journal-removal")
         result = end()
         self.crash("after-journal-removal")
         return result
 
-    def commit(self, wait: bool = True) -> Position | None:
+    def commit(self, wait: bool = True, *, pull: bool | None = None) -> Position | None:
         """Record the transaction that is ending; None when nothing changed
-        (a rollback writes every page back as it was)."""
+        (a rollback writes every page back as it was). Unless `pull` says,
+        the kernel's cached pages are pulled first when the daemon cannot
+        know it holds them all."""
         db = self.db
-        if not self._holds_every_page():
+        if not self._holds_every_page() if pull is None else pull:
             db.pull_cached_pages()
         with db.locked(wait):
             try:
