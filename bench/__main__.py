@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ("bench.ltx", "bench.primary", "bench.replication", "bench.failover")
+MODULES = ("bench.ltx", "bench.primary", "bench.replication", "bench.failover", "bench.proxy")
 
 Row = tuple[str, float, str] | tuple[str, float, str, float] | tuple[str, float, str, float, str]
 

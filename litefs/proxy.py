@@ -65,14 +65,15 @@ CONNECT_TIMEOUT = 2.0
 INFO_TIMEOUT = 2.0
 RETRY_INTERVAL = 0.05
 RETRY_AFTER = 1
+SMALL_BODY = 64 << 10
+
+
+Body = bytes | aiohttp.StreamReader | None
+"""A request body: read whole when small, else the stream it arrives on."""
 
 
 class PrimaryUnreachable(Exception):
     """Nothing of the request left this node: it may be sent elsewhere."""
-
-
-class UpstreamFailed(Exception):
-    """The request was (perhaps partly) sent and no complete answer came back."""
 
 
 def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -217,15 +218,19 @@ class Proxy:
         return web.json_response(body, status=503)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await _body(request)
+        except asyncio.IncompleteReadError:
+            return json_error(400, "the request body is shorter than its Content-Length")
         path = request.path
         if _matches(path, self.config.passthrough):
-            return await self._relay(request, self.config.target)
+            return await self._relay(request, self.config.target, body=body)
         write = request.method not in READ_METHODS or _matches(path, self.config.always_forward)
         if write or FORWARDED_BY in request.headers:
-            return await self._write(request)
-        return await self._read(request)
+            return await self._write(request, body)
+        return await self._read(request, body)
 
-    async def _read(self, request: web.Request) -> web.StreamResponse:
+    async def _read(self, request: web.Request, body: Body) -> web.StreamResponse:
         """Serve locally once this node has the client's last write."""
         wanted = parse_txid(request.cookies.get(TXID_COOKIE))
         if (
@@ -238,9 +243,9 @@ class Proxy:
                 f"this node has not applied TXID {wanted:016x} of {self.config.db} "
                 f"within {self.config.max_lag:g}s (it is at {self.watch.txid():016x})",
             )
-        return await self._relay(request, self.config.target)
+        return await self._relay(request, self.config.target, body=body)
 
-    async def _write(self, request: web.Request) -> web.StreamResponse:
+    async def _write(self, request: web.Request, body: Body) -> web.StreamResponse:
         """Serve on the primary: here if this node is it, else through its proxy."""
         hop = request.headers.get(FORWARDED_BY)
         if hop is not None:
@@ -256,11 +261,11 @@ class Proxy:
         deadline = time.monotonic() + self.config.primary_redirect_timeout
         while True:
             if self.store.is_primary:
-                return await self._relay(request, self.config.target, set_position=True)
+                return await self._relay(request, self.config.target, body=body, set_position=True)
             url = await self._primary_proxy()
             if url is not None:
                 try:
-                    return await self._relay(request, url, forward=True)
+                    return await self._relay(request, url, body=body, forward=True)
                 except PrimaryUnreachable as exc:
                     log.debug("primary proxy %s unreachable: %s", url, exc)
                     self._primary_proxies.clear()
@@ -310,6 +315,7 @@ class Proxy:
         request: web.Request,
         base: str,
         *,
+        body: Body = None,
         forward: bool = False,
         set_position: bool = False,
     ) -> web.StreamResponse:
@@ -323,7 +329,7 @@ class Proxy:
                 request.method,
                 base + request.rel_url.raw_path_qs,
                 headers=headers,
-                data=request.content if request.body_exists else None,
+                data=body,
                 allow_redirects=False,
             )
 
@@ -332,7 +338,9 @@ class Proxy:
         except aiohttp.ClientConnectorError as exc:
             if forward:
                 raise PrimaryUnreachable(str(exc)) from None
-            return json_error(502, f"the application at {base} is not reachable: {exc.strerror}")
+            return json_error(
+                502, f"the application at {base} is not reachable: {exc.strerror or _describe(exc)}"
+            )
         except TimeoutError:
             return json_error(
                 504, f"{_who(forward)} sent no response within {self.config.read_header_timeout:g}s"
@@ -349,6 +357,9 @@ class Proxy:
             try:
                 async for chunk in upstream.content.iter_any():
                     await response.write(chunk)
+            except ConnectionError:
+                log.debug("%s %s: the client went away", request.method, request.path)
+                return response
             except (aiohttp.ClientError, TimeoutError) as exc:
                 log.warning(
                     "%s %s: %s broke off its answer: %s",
@@ -357,7 +368,10 @@ class Proxy:
                     _who(forward),
                     _describe(exc),
                 )
-                raise UpstreamFailed(str(exc)) from None
+                # The status is sent: only an unfinished answer tells the client.
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
             await response.write_eof()
         return response
 
@@ -392,6 +406,17 @@ class Proxy:
                     headers[CLIENT_AUTHORIZATION] = own
                 headers["Authorization"] = f"Bearer {self.auth_token}"
         return headers
+
+
+async def _body(request: web.Request) -> Body:
+    """A small body whose length is known is read first, to go out in one
+    write with the headers; any other is streamed as it arrives."""
+    if not request.body_exists:
+        return None
+    length = request.content_length
+    if length is not None and length <= SMALL_BODY:
+        return await request.content.readexactly(length)
+    return request.content
 
 
 def _who(forward: bool) -> str:

@@ -26,6 +26,7 @@ class App(BaseHTTPRequestHandler):
     db = ""
     name = ""
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # the headers and the body go out as separate writes
 
     def do_GET(self) -> None:
         if self.path != "/items":
