@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from test_config import full
 
-from litefs.config import ConfigError, HTTPConfig, ProxyConfig, parse
+from litefs.config import ConfigError, HTTPConfig, ProxyConfig, load, parse
 
 PROXY: dict[str, Any] = {"addr": ":8080", "target": "localhost:8081", "db": "app.db"}
 
@@ -104,3 +105,20 @@ def test_proxy_must_be_a_mapping() -> None:
     with pytest.raises(ConfigError) as caught:
         parse(full(("proxy", ":8080")), "litefs.yml")
     assert caught.value.key == "proxy"
+
+
+def test_the_proxy_example_configuration_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "proxy" / "litefs.yml"
+    for name, value in {
+        "ROOT": "/tmp/example",
+        "NODE": "node2",
+        "CANDIDATE": "false",
+        "HTTP_PORT": "20202",
+        "PROXY_PORT": "8082",
+        "APP_PORT": "9002",
+    }.items():
+        monkeypatch.setenv(name, value)
+    proxy = load(example).proxy
+    assert proxy is not None
+    assert proxy.advertise_url == "http://127.0.0.1:8082"
+    assert proxy.target == "http://127.0.0.1:9002"
