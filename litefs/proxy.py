@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import StreamReader, web
 from multidict import CIMultiDict
 
 from litefs.config import ProxyConfig
@@ -51,6 +51,7 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 HOP_BY_HOP = frozenset(
     {
         "connection",
+        "expect",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
@@ -66,9 +67,14 @@ INFO_TIMEOUT = 2.0
 RETRY_INTERVAL = 0.05
 RETRY_AFTER = 1
 SMALL_BODY = 64 << 10
+SHUTDOWN_TIMEOUT = 2.0
+"""Seconds requests under way get to finish when the node stops."""
+NOT_PRIMARY = "X-LiteFS-Not-Primary"
+"""On a 503: the node a write was forwarded to is not the primary, and did
+nothing with it, so a write whose body is still at hand may go elsewhere."""
 
 
-Body = bytes | aiohttp.StreamReader | None
+Body = bytes | StreamReader | None
 """A request body: read whole when small, else the stream it arrives on."""
 
 
@@ -179,6 +185,7 @@ class Proxy:
             handle_signals=False,
             access_log=None,
             keepalive_timeout=self.config.idle_timeout,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
         )
         await self._runner.setup()
         listen = self.config.listen
@@ -256,7 +263,7 @@ class Proxy:
                 return json_error(
                     503,
                     f"{self.node_name} is not the primary (forwarded by {hop})",
-                    {"Retry-After": str(RETRY_AFTER)},
+                    {"Retry-After": str(RETRY_AFTER), NOT_PRIMARY: self.node_name},
                 )
         deadline = time.monotonic() + self.config.primary_redirect_timeout
         while True:
@@ -334,7 +341,8 @@ class Proxy:
             )
 
         try:
-            upstream = await asyncio.wait_for(send(), self.config.read_header_timeout)
+            async with asyncio.timeout(self.config.read_header_timeout):
+                upstream = await send()
         except aiohttp.ClientConnectorError as exc:
             if forward:
                 raise PrimaryUnreachable(str(exc)) from None
@@ -348,32 +356,74 @@ class Proxy:
         except aiohttp.ClientError as exc:
             log.warning("%s %s: %s failed: %s", request.method, request.path, _who(forward), exc)
             return json_error(502, f"{_who(forward)} failed before answering: {_describe(exc)}")
+        if forward and _refused_as_not_primary(upstream) and not isinstance(body, StreamReader):
+            upstream.release()
+            raise PrimaryUnreachable(f"{upstream.headers[NOT_PRIMARY]} is not the primary")
         async with upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            _copy_response_headers(upstream, response)
-            if set_position:
-                self._set_position_cookie(response)
-            await response.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-            except ConnectionError:
-                log.debug("%s %s: the client went away", request.method, request.path)
-                return response
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning(
-                    "%s %s: %s broke off its answer: %s",
-                    request.method,
-                    request.path,
-                    _who(forward),
-                    _describe(exc),
-                )
-                # The status is sent: only an unfinished answer tells the client.
-                if request.transport is not None:
-                    request.transport.abort()
-                return response
-            await response.write_eof()
+            length = upstream.content_length
+            if request.method != "HEAD" and length is not None and length <= SMALL_BODY:
+                return await self._answer_whole(request, upstream, forward, set_position)
+            return await self._answer_streamed(request, upstream, forward, set_position)
+
+    async def _answer_whole(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        forward: bool,
+        set_position: bool,
+    ) -> web.StreamResponse:
+        """A small answer is read first, to go out in one write; if it breaks
+        off, the client still can be told so with a status."""
+        try:
+            content = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._log_broken(request, forward, exc)
+            return json_error(502, f"{_who(forward)} broke off its answer: {_describe(exc)}")
+        headers = _end_to_end(upstream.headers)
+        headers.popall("Content-Length", None)
+        response = web.Response(
+            status=upstream.status, reason=upstream.reason, headers=headers, body=content
+        )
+        if set_position:
+            self._set_position_cookie(response)
         return response
+
+    async def _answer_streamed(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        forward: bool,
+        set_position: bool,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=_end_to_end(upstream.headers)
+        )
+        if set_position:
+            self._set_position_cookie(response)
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except ConnectionError:
+            log.debug("%s %s: the client went away", request.method, request.path)
+            return response
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._log_broken(request, forward, exc)
+            # The status is sent: only an unfinished answer tells the client.
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+    def _log_broken(self, request: web.Request, forward: bool, exc: BaseException) -> None:
+        log.warning(
+            "%s %s: %s broke off its answer: %s",
+            request.method,
+            request.path,
+            _who(forward),
+            _describe(exc),
+        )
 
     def _set_position_cookie(self, response: web.StreamResponse) -> None:
         txid = self.watch.txid()
@@ -419,6 +469,10 @@ async def _body(request: web.Request) -> Body:
     return request.content
 
 
+def _refused_as_not_primary(upstream: aiohttp.ClientResponse) -> bool:
+    return upstream.status == 503 and NOT_PRIMARY in upstream.headers
+
+
 def _who(forward: bool) -> str:
     return "the primary" if forward else "the application"
 
@@ -455,8 +509,3 @@ def _add_forwarding(headers: CIMultiDict[str], request: web.Request) -> None:
     headers.setdefault("X-Forwarded-Proto", request.scheme)
     if request.host:
         headers.setdefault("X-Forwarded-Host", request.host)
-
-
-def _copy_response_headers(upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
-    for name, value in _end_to_end(upstream.headers).items():
-        response.headers.add(name, value)

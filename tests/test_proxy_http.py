@@ -45,7 +45,8 @@ def application(name: str) -> web.Application:
         )
 
     async def broken(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Length": "1000"})
+        length = int(request.query.get("length", "1000"))
+        response = web.StreamResponse(headers={"Content-Length": str(length)})
         await response.prepare(request)
         await response.write(b"x" * 100)
         assert request.transport is not None
@@ -272,6 +273,21 @@ def test_a_write_is_forwarded_once_a_primary_appears_within_the_redirect_timeout
     run(scenario)
 
 
+def test_a_write_refused_by_a_former_primary_goes_to_the_primary_once_there_is_one(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with pair(tmp_path, primary_redirect_timeout=5.0) as p:
+            p.primary_store.set_role(Role.REPLICA, None)
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.3, p.primary_store.set_role, Role.PRIMARY, None)
+            status, _, body = await fetch(p.session, "POST", p.replica_url + "/items", data=b"hi")
+            assert status == 200
+            assert (body["node"], body["size"]) == ("primary", 2)
+
+    run(scenario)
+
+
 def test_a_read_waits_for_the_cookies_txid_and_gives_504_when_it_does_not_come(
     tmp_path: Path,
 ) -> None:
@@ -290,13 +306,24 @@ def test_a_read_waits_for_the_cookies_txid_and_gives_504_when_it_does_not_come(
     run(scenario)
 
 
-def test_an_application_that_breaks_off_its_answer_gives_the_client_a_broken_answer(
+def test_an_application_that_breaks_off_a_small_answer_gives_502(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with pair(tmp_path) as p:
+            status, _, body = await fetch(p.session, "GET", p.replica_url + "/broken")
+            assert status == 502
+            assert "broke off" in body["error"]
+
+    run(scenario)
+
+
+def test_an_application_that_breaks_off_a_streamed_answer_gives_the_client_a_broken_answer(
     tmp_path: Path,
 ) -> None:
     async def scenario() -> None:
         async with pair(tmp_path) as p:
             with pytest.raises(aiohttp.ClientPayloadError):
-                async with p.session.get(p.replica_url + "/broken") as response:
+                url = p.replica_url + f"/broken?length={1 << 20}"
+                async with p.session.get(url) as response:
                     await response.read()
             status, _, _ = await fetch(p.session, "GET", p.replica_url + "/after")
             assert status == 200, "the proxy keeps serving"
