@@ -212,3 +212,18 @@ def read_status(recv: Callable[[int], bytes]) -> int:
             raise AssertionError(f"the proxy closed the connection without an answer: {data!r}")
         data += chunk
     return int(data.split(b" ", 2)[1])
+
+
+def test_a_busy_proxy_port_stops_the_node_with_one_line_and_mounts_nothing(
+    start_node: StartNode,
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proxy = {"addr": f"127.0.0.1:{port}", "target": "127.0.0.1:1", "db": DB}
+        node = start_node("node1", wait=False, settings={"proxy": proxy})
+        assert node.wait_exit() == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in node.log()
+    assert "Traceback" not in node.log()
+    assert not node.mount_dir.is_mount()
