@@ -194,11 +194,11 @@ def test_the_primary_dying_in_the_middle_of_a_forwarded_request_gives_502(
     replica = cluster.replicas(primary)[0]
     with socket.create_connection(("127.0.0.1", replica.proxy_port), timeout=30) as conn:
         head = (
-            "POST /items HTTP/1.1\r\nHost: app\r\nContent-Length: 100\r\n"
+            f"POST /items HTTP/1.1\r\nHost: app\r\nContent-Length: {1 << 20}\r\n"
             "Content-Type: text/plain\r\n\r\n"
         )
-        conn.sendall(head.encode() + b"only part of the body")
-        time.sleep(1.0)  # the proxies pass the request on while the body trickles in
+        conn.sendall(head.encode() + b"x" * 100_000)
+        time.sleep(1.0)  # a large body is passed on as it arrives, while it trickles in
         primary.node.kill()
         answer = read_status(conn.recv)
     assert answer == 502
