@@ -277,12 +277,14 @@ class Proxy:
                     log.debug("primary proxy %s unreachable: %s", url, exc)
                     self._primary_proxies.clear()
             if time.monotonic() >= deadline:
-                return json_error(
-                    503,
-                    "no primary is available to take this write; try again shortly",
-                    {"Retry-After": str(RETRY_AFTER)},
-                )
+                return json_error(503, self._why_no_primary(), {"Retry-After": str(RETRY_AFTER)})
             await asyncio.sleep(RETRY_INTERVAL)
+
+    def _why_no_primary(self) -> str:
+        primary = self.store.primary
+        if primary is not None and self._primary_proxies.get(primary.advertise_url, "") is None:
+            return f"the primary ({primary.hostname}) runs no proxy to take this write"
+        return "no primary is available to take this write; try again shortly"
 
     def _check_hop(self, request: web.Request) -> web.Response | None:
         if self.auth_token is None:

@@ -256,6 +256,17 @@ def test_writes_wait_for_a_primary_then_get_503_with_retry_after(tmp_path: Path)
     run(scenario)
 
 
+def test_a_write_to_a_primary_without_a_proxy_gets_503_saying_so(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with pair(tmp_path) as p:
+            p.replica_store.set_role(Role.REPLICA, PrimaryInfo("primary", p.replica.config.target))
+            status, _, body = await fetch(p.session, "POST", p.replica_url + "/items")
+            assert status == 503
+            assert body["error"] == "the primary (primary) runs no proxy to take this write"
+
+    run(scenario)
+
+
 def test_a_write_is_forwarded_once_a_primary_appears_within_the_redirect_timeout(
     tmp_path: Path,
 ) -> None:
