@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import hmac
 import logging
 import math
 import time
@@ -277,7 +278,9 @@ class Proxy:
                     log.debug("primary proxy %s unreachable: %s", url, exc)
                     self._primary_proxies.clear()
             if time.monotonic() >= deadline:
-                return json_error(503, self._why_no_primary(), {"Retry-After": str(RETRY_AFTER)})
+                why = self._why_no_primary()
+                self._primary_proxies.clear()  # the next write asks again
+                return json_error(503, why, {"Retry-After": str(RETRY_AFTER)})
             await asyncio.sleep(RETRY_INTERVAL)
 
     def _why_no_primary(self) -> str:
@@ -289,7 +292,8 @@ class Proxy:
     def _check_hop(self, request: web.Request) -> web.Response | None:
         if self.auth_token is None:
             return None
-        if request.headers.get("Authorization") != f"Bearer {self.auth_token}":
+        presented = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(presented, f"Bearer {self.auth_token}".encode()):
             return json_error(401, "the forwarding node did not present the cluster's token")
         return None
 
