@@ -299,6 +299,32 @@ def test_a_write_refused_by_a_former_primary_goes_to_the_primary_once_there_is_o
     run(scenario)
 
 
+GOLDEN = Path(__file__).resolve().parent / "data" / "ltx" / "ps1024"
+
+
+def test_a_read_with_the_cookie_is_served_once_the_replica_has_applied_that_txid(
+    tmp_path: Path,
+) -> None:
+    def apply(store: Store, txid: int) -> None:
+        copy = tmp_path / f"{txid}.ltx"
+        copy.write_bytes((GOLDEN / f"{txid:016x}-{txid:016x}.ltx").read_bytes())
+        store.apply_ltx("app.db", copy)
+
+    async def scenario() -> None:
+        async with pair(tmp_path, max_lag=10.0) as p:
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.2, loop.run_in_executor, None, apply, p.replica_store, 1)
+            loop.call_later(0.5, loop.run_in_executor, None, apply, p.replica_store, 2)
+            started = loop.time()
+            cookie = {"Cookie": "__txid=0000000000000002"}
+            status, _, body = await fetch(p.session, "GET", p.replica_url + "/x", headers=cookie)
+            assert status == 200 and body["node"] == "replica"
+            assert loop.time() - started >= 0.5
+            assert p.replica.watch.txid() == 2
+
+    run(scenario)
+
+
 def test_a_read_waits_for_the_cookies_txid_and_gives_504_when_it_does_not_come(
     tmp_path: Path,
 ) -> None:
