@@ -92,14 +92,14 @@ class Pair:
 
     @property
     def replica_url(self) -> str:
-        return self.primary_url_of(self.replica)
+        return self.url_of(self.replica)
 
     @property
     def primary_url(self) -> str:
-        return self.primary_url_of(self.primary)
+        return self.url_of(self.primary)
 
     @staticmethod
-    def primary_url_of(proxy: Proxy) -> str:
+    def url_of(proxy: Proxy) -> str:
         return proxy.config.advertise_url
 
 
