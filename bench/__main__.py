@@ -15,7 +15,14 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ("bench.ltx", "bench.primary", "bench.replication", "bench.failover", "bench.load")
+MODULES = (
+    "bench.ltx",
+    "bench.primary",
+    "bench.replication",
+    "bench.failover",
+    "bench.load",
+    "bench.proxy",
+)
 
 Row = tuple[str, float, str] | tuple[str, float, str, float] | tuple[str, float, str, float, str]
 

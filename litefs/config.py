@@ -34,6 +34,10 @@ DEFAULT_RETENTION_MONITOR_INTERVAL = 60.0
 DEFAULT_CONSUL_TTL = 10.0
 DEFAULT_CONSUL_LOCK_DELAY = 1.0
 DEFAULT_ETCD_TTL = 10.0
+DEFAULT_PROXY_MAX_LAG = 10.0
+DEFAULT_PROXY_PRIMARY_REDIRECT_TIMEOUT = 5.0
+DEFAULT_PROXY_READ_HEADER_TIMEOUT = 30.0
+DEFAULT_PROXY_IDLE_TIMEOUT = 60.0
 
 CONSUL_MIN_TTL = 10.0
 CONSUL_MAX_TTL = 24 * 3600.0
@@ -47,7 +51,7 @@ SEARCH_PATH: tuple[str, ...] = ("litefs.yml", "/etc/litefs.yml")
 """Where `load(None)` looks, in order."""
 
 _SEED_KEYS = ("mount-dir", "debug", "http", "consul")
-_FULL_KEYS = ("fuse", "data", "http", "lease", "exec", "log")
+_FULL_KEYS = ("fuse", "data", "http", "lease", "exec", "log", "proxy")
 _SEED_SPELLING = {
     "mount-dir": "fuse.dir (and data.dir)",
     "debug": "fuse.debug and log.debug",
@@ -134,6 +138,24 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """The HTTP proxy in front of the application (docs/proxy.md)."""
+
+    listen: HTTPConfig
+    target: str
+    """The application's base URL on this node, such as http://127.0.0.1:8081."""
+    db: str
+    advertise_url: str
+    """How the other nodes' proxies reach this one, to forward writes to it."""
+    passthrough: tuple[str, ...]
+    always_forward: tuple[str, ...]
+    max_lag: float
+    primary_redirect_timeout: float
+    read_header_timeout: float
+    idle_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: str
     fuse: FuseConfig
@@ -144,6 +166,7 @@ class Config:
     """Commands run in order once the node is ready; the last is the
     application. Empty when there is nothing to run."""
     log: LogConfig
+    proxy: ProxyConfig | None = None
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
@@ -657,7 +680,85 @@ def _full_shape(top: _Section) -> Config:
             format=log.choice("format", LOG_FORMATS, "text") or "text",
             debug=log.boolean("debug", False),
         ),
+        proxy=_proxy(top, advertise_url, http_config),
     )
+
+
+_PROXY_KEYS = (
+    "addr",
+    "target",
+    "db",
+    "advertise-url",
+    "passthrough",
+    "always-forward",
+    "max-lag",
+    "primary-redirect-timeout",
+    "read-header-timeout",
+    "idle-timeout",
+)
+
+
+def _proxy(top: _Section, lease_url: str, http: HTTPConfig) -> ProxyConfig | None:
+    if top.value("proxy") is None:
+        return None
+    section = top.section("proxy", _PROXY_KEYS)
+    if section.value("addr") is None:
+        raise section.error("addr", "is required: where the proxy listens, such as :8080")
+    listen = section.listen_address("addr", "")
+    if listen.port == http.port and (not listen.host or not http.host or listen.host == http.host):
+        raise section.error("addr", f"uses the same port as http.addr ({http.addr})")
+    target = section.required(
+        "target", section.string("target"), ": the application's address, such as localhost:8081"
+    )
+    if "://" not in target:
+        section.listen_address("target", "")  # host:port, checked as one
+        target = f"http://{target}"
+    target = section.check_url("target", target)
+    db = section.required("db", section.string("db"), ": the database whose position is tracked")
+    if db.startswith("/") or any(part in ("", ".", "..") for part in db.split("/")):
+        raise section.error("db", f"must be a database name in the mount, got {_describe(db)}")
+    return ProxyConfig(
+        listen=listen,
+        target=target,
+        db=db,
+        advertise_url=section.url("advertise-url") or _proxy_url(listen, lease_url),
+        passthrough=_patterns(section, "passthrough"),
+        always_forward=_patterns(section, "always-forward"),
+        max_lag=section.duration("max-lag", DEFAULT_PROXY_MAX_LAG, positive=True),
+        primary_redirect_timeout=section.duration(
+            "primary-redirect-timeout", DEFAULT_PROXY_PRIMARY_REDIRECT_TIMEOUT
+        ),
+        read_header_timeout=section.duration(
+            "read-header-timeout", DEFAULT_PROXY_READ_HEADER_TIMEOUT, positive=True
+        ),
+        idle_timeout=section.duration("idle-timeout", DEFAULT_PROXY_IDLE_TIMEOUT, positive=True),
+    )
+
+
+def _proxy_url(listen: HTTPConfig, lease_url: str) -> str:
+    """The proxy's own host when it names one, else the host of the lease's URL."""
+    host = listen.host
+    if host in ("", "0.0.0.0", "::"):
+        host = urlsplit(lease_url).hostname or "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{listen.port}"
+
+
+def _patterns(section: _Section, name: str) -> tuple[str, ...]:
+    raw = section.value(name)
+    if raw is None:
+        return ()
+    if isinstance(raw, str):
+        raise section.error(name, "must be a list of path patterns, not a single string")
+    if not isinstance(raw, list):
+        raise section.error(name, f"must be a list of path patterns, got {_describe(raw)}")
+    for index, item in enumerate(raw):
+        if not isinstance(item, str) or not item.strip():
+            raise section.error(
+                f"{name}[{index}]", f"must be a path pattern, got {_describe(item)}"
+            )
+    return tuple(raw)
 
 
 def _check_dirs(source: str, mount: Path, data: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import socket
 import threading
@@ -26,12 +27,14 @@ from litefs.cli import CommandError
 from litefs.config import Config, LeaseConfig
 from litefs.db import DatabaseError
 from litefs.fuse import FileSystem
+from litefs.http import protocol
 from litefs.http.client import HandoffToUs, ReplicaClient
 from litefs.http.metrics import Metrics
 from litefs.http.server import Server
 from litefs.lease import Lease, LeaseError, LeaseLost, Leaser, PrimaryExists, PrimaryInfo
 from litefs.lease.static import StaticLeaser
 from litefs.mountpoint import is_mounted, unmount
+from litefs.proxy import Proxy
 from litefs.store import NullObserver, Role, Store
 
 log = logging.getLogger("litefs")
@@ -277,6 +280,8 @@ class Services:
         self._resign: asyncio.Event | None = None
         self._handoff_target: str | None = None
         self._handoff_until = 0.0
+        self._client: ReplicaClient | None = None
+        self._synced_at = -math.inf
 
     def start(self) -> None:
         """Start the thread and wait until the HTTP port is bound (or failed)."""
@@ -314,15 +319,43 @@ class Services:
             self._error = OSError(f"cannot listen on {config.http.addr}: {exc.strerror}")
             self._started.set()
             return
+        proxy = await self._start_proxy(server)
         self._started.set()
+        if self._error is not None:
+            await server.stop()
+            return
         roles = asyncio.create_task(self._after_mount(self._roles()))
         try:
             await self._stop.wait()
         finally:
             roles.cancel()
             await asyncio.gather(roles, return_exceptions=True)
+            if proxy is not None:
+                await proxy.stop()
             await server.stop()
             await node.leaser.close()
+
+    async def _start_proxy(self, server: Server) -> Proxy | None:
+        """Start the proxy in front of the application, when one is configured."""
+        config = self.node.config.proxy
+        if config is None:
+            return None
+        proxy = Proxy(config, self.node.store, self.node.name, self.replication_lag)
+        try:
+            await proxy.start()
+        except OSError as exc:
+            self._error = OSError(f"cannot listen on {config.listen.addr}: {exc.strerror}")
+            return None
+        server.proxy_url = config.advertise_url
+        return proxy
+
+    def replication_lag(self) -> float:
+        """Seconds since this replica last had all the primary had: 0 while
+        its stream is caught up and alive, infinite before it ever was."""
+        client = self._client
+        if client is not None and client.connected and client.ready.is_set():
+            self._synced_at = max(self._synced_at, client.last_frame)
+        return max(0.0, time.monotonic() - self._synced_at - protocol.HEARTBEAT_INTERVAL)
 
     async def _after_mount(self, work: Coroutine[None, None, None]) -> None:
         """Roles need the mount: a replica takes SQLite's locks through it."""
@@ -475,7 +508,9 @@ class Services:
         until that primary hands its role to this node."""
         node = self.node
         node.store.set_role(Role.REPLICA, info)
-        client = ReplicaClient(node.store, node.name, node.metrics, self._note_handoff)
+        client = self._client = ReplicaClient(
+            node.store, node.name, node.metrics, self._note_handoff
+        )
         stream = asyncio.create_task(client.follow(info.advertise_url))
         change = asyncio.create_task(self._primary_change(info))
         caught_up = asyncio.create_task(self._caught_up(client))

@@ -66,6 +66,8 @@ class Server:
         self.replicas: dict[int, str] = {}
         self.sessions: dict[int, StreamSession] = {}
         self.on_handoff: Callable[[str], Awaitable[None]] | None = None
+        self.proxy_url: str | None = None
+        """This node's write-forwarding proxy, advertised in /info."""
         self.app = web.Application(
             middlewares=[errors_as_json], client_max_size=protocol.MAX_REQUEST
         )
@@ -119,6 +121,7 @@ class Server:
                 else None,
                 "replicas": sorted(self.replicas.values()),
                 "databases": databases,
+                "proxy": self.proxy_url,
             }
         )
 
