@@ -33,6 +33,7 @@ from litefs import clean_stop, ltx
 from litefs.capture import NO_CRASH, CrashPoints, Sync, WouldBlock, read_page_at
 from litefs.capture.rollback import RollbackJournal, journal_is_hot
 from litefs.capture.wal import SharedMemory, WriteAheadLog
+from litefs.spares import SpareFiles
 
 log = logging.getLogger("litefs.db")
 
@@ -175,6 +176,7 @@ class Database:
         self.wal_path = path / "wal"
         self.shm_path = path / "shm"
         self.ltx_dir = path / "ltx"
+        self.spares = SpareFiles(self.ltx_dir)
         self.applying_path = path / "applying"
         self.clean_stop_path = path / "clean-stop"
         self.lock = threading.RLock()
@@ -224,6 +226,7 @@ class Database:
     def open(self) -> None:
         """Open the database file and load its state, recovering from a crash."""
         self.ltx_dir.mkdir(exist_ok=True)
+        self.spares.adopt()
         self.fd = os.open(self.database_path, os.O_RDWR | os.O_CLOEXEC)
         self.recover()
 
@@ -234,6 +237,7 @@ class Database:
                 self._save_clean_stop()
                 os.close(self.fd)
                 self.fd = -1
+            self.spares.close()
 
     def _save_clean_stop(self) -> None:
         """Leave the checksums for the next start, when they describe the
@@ -543,7 +547,10 @@ class Database:
         first_page = b""
         crash = self.crash
         path = self.ltx_dir / ltx.format_filename(min_txid, txid)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        spare = self.spares.take()
+        written = path if spare is None else spare
+        flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if spare is None else 0)
+        fd = os.open(written, flags, 0o644)
         try:
             with os.fdopen(fd, "wb", buffering=1 << 20, closefd=False) as out:
                 encoder = ltx.Encoder(out, header)
@@ -567,10 +574,13 @@ class Database:
                         crash("mid-ltx")
                 if not changes and commit == old_count and not snapshot:
                     out.flush()
-                    os.unlink(path)
+                    os.unlink(written)
                     return None
                 post_apply = xor | ltx.CHECKSUM_FLAG
                 encoder.finish(post_apply)
+            if spare is not None:
+                os.rename(spare, path)
+                written = path
             crash("before-ltx-sync")
             if sync is Sync.NOW:
                 os.fdatasync(fd)  # the directory entry is left to the filesystem: see recover()
@@ -578,7 +588,7 @@ class Database:
                 self._unsynced.append(path)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(written)
             raise
         finally:
             os.close(fd)
