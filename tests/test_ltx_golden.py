@@ -95,7 +95,9 @@ def db_pages(path: Path, page_size: int) -> dict[int, bytes]:
 
 
 def test_golden_files_are_present() -> None:
-    assert GOLDEN.is_dir(), f"golden LTX files missing: {GOLDEN} (tests/data/ltx is part of the repository)"
+    assert GOLDEN.is_dir(), (
+        f"golden LTX files missing: {GOLDEN} (tests/data/ltx is part of the repository)"
+    )
     for name in SETS:
         for n in TXIDS:
             assert ltx_path(name, n).is_file()
