@@ -26,6 +26,7 @@ from litefs.config import Config, LeaseConfig
 from litefs.db import DatabaseError
 from litefs.fuse import FileSystem
 from litefs.http.client import HandoffToUs, ReplicaClient
+from litefs.http.limits import raise_descriptor_limit
 from litefs.http.metrics import Metrics
 from litefs.http.server import Server
 from litefs.lease import Lease, LeaseError, LeaseLost, Leaser, PrimaryExists, PrimaryInfo
@@ -100,6 +101,7 @@ class Node:
         self.store.on_commit = self._count_commit
         self.fs: FileSystem | None = None
         self.name = node_name(config)
+        self.descriptors = raise_descriptor_limit()
         self._services = Services(self)
 
     def _count_commit(self, name: str) -> None:
@@ -249,7 +251,9 @@ class Services:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._resign = asyncio.Event()
-        server = self._server = Server(node.store, node.name, node.metrics)
+        server = self._server = Server(
+            node.store, node.name, node.metrics, config.http, node.descriptors
+        )
         if not isinstance(node.leaser, StaticLeaser):
             server.on_handoff = self.handoff
         try:
@@ -418,7 +422,13 @@ class Services:
         until that primary hands its role to this node."""
         node = self.node
         node.store.set_role(Role.REPLICA, info)
-        client = ReplicaClient(node.store, node.name, node.metrics, self._note_handoff)
+        client = ReplicaClient(
+            node.store,
+            node.name,
+            node.metrics,
+            self._note_handoff,
+            auth_token=node.config.http.auth_token,
+        )
         stream = asyncio.create_task(client.follow(info.advertise_url))
         change = asyncio.create_task(self._primary_change(info))
         try:

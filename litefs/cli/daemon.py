@@ -57,18 +57,22 @@ def run_handoff(args: argparse.Namespace) -> int:
     import urllib.parse
     import urllib.request
 
-    url = args.url
-    if url is None:
-        from litefs import config as configuration
+    from litefs import config as configuration
 
+    url = args.url
+    token = os.environ.get(configuration.AUTH_TOKEN_ENV) or None
+    if url is None or args.config is not None:
         try:
             cfg = configuration.load(args.config)
         except configuration.ConfigError as exc:
             raise CommandError(str(exc), EXIT_USAGE) from None
-        host = cfg.http.host or "127.0.0.1"
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{cfg.http.port}"
+        token = cfg.http.auth_token
+        if url is None:
+            host = cfg.http.host or "127.0.0.1"
+            url = f"http://{'[' + host + ']' if ':' in host else host}:{cfg.http.port}"
     target = f"{url.rstrip('/')}/handoff?{urllib.parse.urlencode({'to': args.to})}"
-    request = urllib.request.Request(target, method="POST", data=b"")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(target, method="POST", data=b"", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             answer = json.load(response)

@@ -52,8 +52,13 @@ class ReplicaClient:
         hostname: str,
         metrics: Metrics,
         on_handoff: Callable[[str], None] | None = None,
+        *,
+        auth_token: str | None = None,
     ) -> None:
         self.store = store
+        self.headers = {"Content-Type": "application/json"}
+        if auth_token:
+            self.headers["Authorization"] = f"Bearer {auth_token}"
         self.hostname = hostname
         self.metrics = metrics
         self.on_handoff = on_handoff
@@ -107,7 +112,7 @@ class ReplicaClient:
         async with session.post(
             url + protocol.STREAM_PATH,
             data=body,
-            headers={"Content-Type": "application/json"},
+            headers=self.headers,
         ) as response:
             if response.status != 200:
                 text = (await response.text())[:200]
