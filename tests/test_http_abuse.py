@@ -138,11 +138,16 @@ def test_three_hundred_silent_connections_neither_stop_writes_nor_outlive_the_re
     assert "unable to open" not in primary.log()
 
 
+@pytest.mark.parametrize("after_a_request", [False, True], ids=["first", "second"])
 def test_a_request_head_sent_a_byte_at_a_time_is_cut_off_at_the_read_timeout(
-    pair: tuple[NodeProcess, NodeProcess],
+    pair: tuple[NodeProcess, NodeProcess], after_a_request: bool
 ) -> None:
     primary, replica = pair
     sock = connect(primary)
+    if after_a_request:
+        sock.sendall(f"GET /info HTTP/1.1\r\nHost: 127.0.0.1:{primary.port}\r\n\r\n".encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(READ_TIMEOUT * 1.5)  # idle, not yet sending: the idle timeout applies
     started = time.monotonic()
     closed = False
     try:

@@ -99,6 +99,8 @@ class GuardedHandler(web.RequestHandler):
         self._limits = limits
         self._refused = False
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_count = -1
+        """The request count when the head timer was armed."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         limits = self._limits
@@ -127,7 +129,8 @@ class GuardedHandler(web.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._head_timer is None and self._waiting_for_head():
+        if self._waiting_for_head() and self._head_count != self._request_count:
+            self._disarm_head_timer()
             self._arm_head_timer()
 
     def _waiting_for_head(self) -> bool:
@@ -135,7 +138,8 @@ class GuardedHandler(web.RequestHandler):
         return waiter is not None and not waiter.done()
 
     def _arm_head_timer(self) -> None:
-        count = self._request_count
+        """Time the head of request number `_request_count` + 1."""
+        count = self._head_count = self._request_count
         loop = asyncio.get_running_loop()
         self._head_timer = loop.call_later(self._limits.read_timeout, self._head_due, count)
 
