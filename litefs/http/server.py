@@ -256,7 +256,7 @@ class Server:
             )
         if len(self.sessions) >= self.max_streams:
             log.warning(
-                "refusing a stream to %s: %d streams are open, the limit",
+                "refusing a stream to %s: %d streams are open, the most allowed",
                 replica or request.remote,
                 len(self.sessions),
             )
