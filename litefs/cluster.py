@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -71,10 +72,13 @@ class LocalNode:
         env: dict[str, str] | None = None,
         settings: dict[str, Any] | None = None,
         command: tuple[str, ...] = (),
+        nofile: int | None = None,
     ) -> None:
         self.name = name
         self.command = command
         """An application to run under the node (`mount -- CMD ARGS`)."""
+        self.nofile = nofile
+        """When set, the daemon starts with this many descriptors (soft and hard limit)."""
         self.dir = root / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.mount_dir = self.dir / "mnt"
@@ -120,10 +124,15 @@ class LocalNode:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=environment,
+                preexec_fn=self._limit_descriptors if self.nofile else None,
             )
         if wait:
             self.wait_mounted()
         return self
+
+    def _limit_descriptors(self) -> None:
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def wait_mounted(self, timeout: float = MOUNT_TIMEOUT) -> None:
         assert self.process is not None

@@ -38,6 +38,13 @@ DEFAULT_PROXY_MAX_LAG = 10.0
 DEFAULT_PROXY_PRIMARY_REDIRECT_TIMEOUT = 5.0
 DEFAULT_PROXY_READ_HEADER_TIMEOUT = 30.0
 DEFAULT_PROXY_IDLE_TIMEOUT = 60.0
+DEFAULT_READ_TIMEOUT = 10.0
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_WRITE_TIMEOUT = 30.0
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_MAX_STREAMS = 64
+AUTH_TOKEN_ENV = "LITEFS_AUTH_TOKEN"
+"""Where the shared secret comes from when `http.auth-token` is not set."""
 
 CONSUL_MIN_TTL = 10.0
 CONSUL_MAX_TTL = 24 * 3600.0
@@ -94,6 +101,27 @@ class HTTPConfig:
     host: str
     """Empty means every interface; an IPv6 address is given without brackets."""
     port: int
+    auth_token: str | None = None
+    """When set, /stream and /handoff require it as a bearer token."""
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT
+    """Seconds a stream may stay unable to send before its replica is dropped."""
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_streams: int = DEFAULT_MAX_STREAMS
+
+
+_HTTP_KEYS = (
+    "addr",
+    "auth-token",
+    "read-timeout",
+    "idle-timeout",
+    "write-timeout",
+    "max-connections",
+    "max-streams",
+)
+_TOKEN = re.compile("[!-~]+")
+"""Visible ASCII: a token travels in an HTTP header."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,6 +502,16 @@ class _Section:
             raise self.error(name, f"must be a whole number of seconds, got {text}")
         return seconds
 
+    def count(self, name: str, default: int, *, minimum: int = 1) -> int:
+        value = self.value(name)
+        if value is None:
+            return default
+        if type(value) is not int:
+            raise self.error(name, f"must be a whole number, got {_describe(value)}")
+        if value < minimum:
+            raise self.error(name, f"must be at least {minimum}, got {value}")
+        return value
+
     def path_value(self, name: str, why: str = "") -> Path:
         text = self.required(name, self.string(name), why)
         if "\0" in text:
@@ -502,7 +540,7 @@ class _Section:
             raise self.error(name, f"must not have a query or fragment, got {_describe(text)}")
         return text.rstrip("/")
 
-    def listen_address(self, name: str, default: str) -> HTTPConfig:
+    def listen_address(self, name: str, default: str) -> tuple[str, str, int]:
         if type(self.value(name)) is int:
             raise self.error(
                 name, f'must be host:port or :port, such as ":{self.value(name)}"; got a number'
@@ -525,7 +563,45 @@ class _Section:
             raise self.error(name, f"{host!r} is not a host name or address")
         if not re.fullmatch("[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= 65535:
             raise self.error(name, f"port must be between 1 and 65535, got {_describe(addr)}")
-        return HTTPConfig(addr=addr, host=host, port=int(port_text))
+        return addr, host, int(port_text)
+
+
+def _http(section: _Section) -> HTTPConfig:
+    addr, host, port = section.listen_address("addr", DEFAULT_HTTP_ADDR)
+    max_connections = section.count("max-connections", DEFAULT_MAX_CONNECTIONS)
+    max_streams = section.count("max-streams", min(DEFAULT_MAX_STREAMS, max_connections))
+    if max_streams > max_connections:
+        raise section.error(
+            "max-streams",
+            f"must not exceed http.max-connections ({max_connections}), got {max_streams}",
+        )
+    return HTTPConfig(
+        addr=addr,
+        host=host,
+        port=port,
+        auth_token=_auth_token(section),
+        read_timeout=section.duration("read-timeout", DEFAULT_READ_TIMEOUT, positive=True),
+        idle_timeout=section.duration("idle-timeout", DEFAULT_IDLE_TIMEOUT, positive=True),
+        write_timeout=section.duration("write-timeout", DEFAULT_WRITE_TIMEOUT, positive=True),
+        max_connections=max_connections,
+        max_streams=max_streams,
+    )
+
+
+def _auth_token(section: _Section) -> str | None:
+    """`http.auth-token`, else the environment variable, else none."""
+    token = section.string("auth-token")
+    where = section.key("auth-token")
+    if token is None:
+        token = os.environ.get(AUTH_TOKEN_ENV) or None
+        where = f"environment variable {AUTH_TOKEN_ENV}"
+    if token is not None and not _TOKEN.fullmatch(token):
+        raise ConfigError(
+            section.source,
+            where,
+            "must be visible ASCII characters only (no spaces or control characters)",
+        )
+    return token
 
 
 def _format_seconds(seconds: float) -> str:
@@ -622,7 +698,7 @@ def _command_line(top: _Section, key: str, text: str) -> tuple[str, ...]:
 def _full_shape(top: _Section) -> Config:
     fuse = top.section("fuse", ("dir", "allow-other", "debug"))
     data = top.section("data", ("dir", "retention", "retention-monitor-interval"))
-    http = top.section("http", ("addr",))
+    http = top.section("http", _HTTP_KEYS)
     lease = top.section(
         "lease", ("type", "advertise-url", "hostname", "candidate", "consul", "etcd")
     )
@@ -641,7 +717,7 @@ def _full_shape(top: _Section) -> Config:
         ),
     )
     _check_dirs(top.source, fuse_config.dir, data_config.dir)
-    http_config = http.listen_address("addr", DEFAULT_HTTP_ADDR)
+    http_config = _http(http)
 
     lease_type = lease.required(
         "type", lease.choice("type", LEASE_TYPES, None), f": one of {', '.join(LEASE_TYPES)}"
@@ -704,7 +780,8 @@ def _proxy(top: _Section, lease_url: str, http: HTTPConfig) -> ProxyConfig | Non
     section = top.section("proxy", _PROXY_KEYS)
     if section.value("addr") is None:
         raise section.error("addr", "is required: where the proxy listens, such as :8080")
-    listen = section.listen_address("addr", "")
+    addr, host, port = section.listen_address("addr", "")
+    listen = HTTPConfig(addr=addr, host=host, port=port)
     if listen.port == http.port and (not listen.host or not http.host or listen.host == http.host):
         raise section.error("addr", f"uses the same port as http.addr ({http.addr})")
     target = section.required(
@@ -781,7 +858,7 @@ def _seed_shape(top: _Section) -> Config:
     if mount.parent == mount:
         raise top.error("mount-dir", "must not be the root directory")
     debug = top.boolean("debug", False)
-    http = top.section("http", ("addr",))
+    http = top.section("http", _HTTP_KEYS)
     if top.value("consul") is None:
         raise top.error(
             "consul",
@@ -801,7 +878,7 @@ def _seed_shape(top: _Section) -> Config:
             retention=DEFAULT_RETENTION,
             retention_monitor_interval=DEFAULT_RETENTION_MONITOR_INTERVAL,
         ),
-        http=http.listen_address("addr", DEFAULT_HTTP_ADDR),
+        http=_http(http),
         lease=LeaseConfig(
             type="consul",
             advertise_url=advertise_url,

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import shutil
@@ -489,9 +491,17 @@ class Database:
                         "before the transaction committed"
                     )
                 return None
-            position = self._write_ltx(
-                pages, commit, page_size, read_page, snapshot, timestamp, sync
-            )
+            try:
+                position = self._write_ltx(
+                    pages, commit, page_size, read_page, snapshot, timestamp, sync
+                )
+            except OSError as exc:
+                log.error(
+                    "database %s: the commit fails: its LTX file cannot be written: %s",
+                    self.name,
+                    exc.strerror or exc,
+                )
+                raise
         if position is not None:
             self.events.committed(self.name)
         return position
@@ -634,6 +644,7 @@ class Database:
     def recover(self) -> None:
         """Bring the database file and its LTX history into agreement."""
         with self.lock:
+            self._next_applying_path.unlink(missing_ok=True)
             if not self._resume_clean_stop():
                 self.position = self._last_good_position()
                 if self.applying_path.exists():
@@ -912,12 +923,13 @@ class Database:
             if header.is_snapshot and self.position.txid:
                 self._log_reseed(header.max_txid, checked.trailer.post_apply_checksum)
             final = self.ltx_dir / ltx.format_filename(header.min_txid, header.max_txid)
+            self._prepare_apply(final.name, header.commit * header.page_size)
             os.rename(path, final)
             if header.is_snapshot:
                 for _min, _max, old in self.ltx_files():
                     if old != final:
                         old.unlink(missing_ok=True)
-            self.applying_path.write_text(final.name)
+            os.rename(self._next_applying_path, self.applying_path)
             with write_lock:
                 self._discard_unfinished_transaction()
                 ltx.write_pages(f, self.fd, checked, sync=False)
@@ -930,6 +942,22 @@ class Database:
             self.wal_mode = _is_wal_header(os.pread(self.fd, 100, 0))
             self.position = Position(header.max_txid, checked.trailer.post_apply_checksum)
             return self.position
+
+    @property
+    def _next_applying_path(self) -> Path:
+        return self.applying_path.with_name("applying.next")
+
+    def _prepare_apply(self, name: str, size: int) -> None:
+        """Claim the space an apply needs before anything changes, so that a
+        full disk fails it here, whole, and not halfway through its pages:
+        the blocks the database file grows into, and the marker."""
+        _reserve_space(self.fd, size)
+        marker = self._next_applying_path
+        try:
+            marker.write_text(name)
+        except OSError:
+            marker.unlink(missing_ok=True)
+            raise
 
     def _log_reseed(self, txid: int, checksum: int) -> None:
         """Say what a snapshot replaces: a node that was primary may hold
@@ -990,6 +1018,29 @@ class Database:
             target = trash / f"{os.getpid()}-{time.monotonic_ns()}"
             os.rename(self.path, target)
         shutil.rmtree(target, ignore_errors=True)
+
+
+_FALLOC_FL_KEEP_SIZE = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _reserve_space(fd: int, size: int) -> None:
+    """Allocate the file's blocks up to `size` without changing its size
+    (readers see nothing); raises OSError (ENOSPC) when the disk lacks them.
+    A filesystem that cannot reserve space is left to fail on write."""
+    current = os.fstat(fd).st_size
+    if size <= current:
+        return
+    result = _LIBC.fallocate(
+        fd,
+        _FALLOC_FL_KEEP_SIZE,
+        ctypes.c_longlong(current),
+        ctypes.c_longlong(size - current),
+    )
+    if result != 0:
+        code = ctypes.get_errno()
+        if code not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(code, os.strerror(code))
 
 
 def _committed_page_count(header: bytes, file_size: int, page_size: int) -> int:

@@ -60,6 +60,7 @@ class DatabaseLock:
     def _descriptor(self) -> int:
         if self._fd < 0:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            _learn_no_flush(self.path)
         return self._fd
 
     @contextlib.contextmanager
@@ -136,3 +137,16 @@ class DatabaseLock:
                 self._fd = -1
         finally:
             self._mutex.release()
+
+
+def _learn_no_flush(path: Path) -> None:
+    """Close one descriptor of the mount while the mount still answers.
+
+    The kernel sends FLUSH on a close until the mount has once answered
+    that it does not implement it. A daemon killed -9 closes its own
+    descriptors of its mount as it exits, when nothing answers any more:
+    were that the mount's first FLUSH, the daemon would wait for itself in
+    the kernel forever, and never come back. The descriptor's locks are
+    open-file-description locks, which this other descriptor cannot drop.
+    """
+    os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))

@@ -29,6 +29,7 @@ from litefs.db import DatabaseError
 from litefs.fuse import FileSystem
 from litefs.http import protocol
 from litefs.http.client import HandoffToUs, ReplicaClient
+from litefs.http.limits import raise_descriptor_limit
 from litefs.http.metrics import Metrics
 from litefs.http.server import Server
 from litefs.lease import Lease, LeaseError, LeaseLost, Leaser, PrimaryExists, PrimaryInfo
@@ -119,6 +120,7 @@ class Node:
         )
         self.exit_status = 0
         self._stopping = False
+        self.descriptors = raise_descriptor_limit()
         self._services = Services(self)
 
     def _count_commit(self, name: str) -> None:
@@ -310,7 +312,9 @@ class Services:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._resign = asyncio.Event()
-        server = self._server = Server(node.store, node.name, node.metrics)
+        server = self._server = Server(
+            node.store, node.name, node.metrics, config.http, node.descriptors
+        )
         if not isinstance(node.leaser, StaticLeaser):
             server.on_handoff = self.handoff
         try:
@@ -340,7 +344,13 @@ class Services:
         config = self.node.config.proxy
         if config is None:
             return None
-        proxy = Proxy(config, self.node.store, self.node.name, self.replication_lag)
+        proxy = Proxy(
+            config,
+            self.node.store,
+            self.node.name,
+            self.replication_lag,
+            auth_token=self.node.config.http.auth_token,
+        )
         try:
             await proxy.start()
         except OSError as exc:
@@ -509,7 +519,11 @@ class Services:
         node = self.node
         node.store.set_role(Role.REPLICA, info)
         client = self._client = ReplicaClient(
-            node.store, node.name, node.metrics, self._note_handoff
+            node.store,
+            node.name,
+            node.metrics,
+            self._note_handoff,
+            auth_token=node.config.http.auth_token,
         )
         stream = asyncio.create_task(client.follow(info.advertise_url))
         change = asyncio.create_task(self._primary_change(info))

@@ -316,7 +316,46 @@ BROKEN = [
         "data.dir",
         "inside fuse.dir",
     ),
+    # The HTTP server's limits and secret.
+    (
+        "token-with-space",
+        full(("http.auth-token", "two words")),
+        "http.auth-token",
+        "visible ASCII",
+    ),
+    ("token-not-string", full(("http.auth-token", 12345)), "http.auth-token", "must be a string"),
+    (
+        "max-connections-zero",
+        full(("http.max-connections", 0)),
+        "http.max-connections",
+        "at least 1",
+    ),
+    (
+        "max-streams-text",
+        full(("http.max-streams", "many")),
+        "http.max-streams",
+        "must be a whole number",
+    ),
+    (
+        "max-streams-over-connections",
+        full(("http.max-connections", 10), ("http.max-streams", 20)),
+        "http.max-streams",
+        "must not exceed http.max-connections (10)",
+    ),
+    (
+        "read-timeout-zero",
+        full(("http.read-timeout", "0s")),
+        "http.read-timeout",
+        "greater than zero",
+    ),
+    ("idle-timeout-junk", full(("http.idle-timeout", "soon")), "http.idle-timeout", "duration"),
+    ("seed-http-unknown", seed(("http.auth_token", "x")), "http.auth_token", "did you mean"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def no_token_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(config.AUTH_TOKEN_ENV, raising=False)
 
 
 @pytest.mark.parametrize(
@@ -462,6 +501,52 @@ def test_listen_address_with_host() -> None:
     assert parse(full(("http.addr", "0.0.0.0:20203"))).http == config.HTTPConfig(
         addr="0.0.0.0:20203", host="0.0.0.0", port=20203
     )
+
+
+def test_http_limits_and_token_are_read() -> None:
+    cfg = parse(
+        full(
+            ("http.auth-token", "tok-123"),
+            ("http.read-timeout", "3s"),
+            ("http.idle-timeout", "1m"),
+            ("http.write-timeout", "500ms"),
+            ("http.max-connections", 100),
+            ("http.max-streams", 10),
+        )
+    )
+    assert cfg.http == config.HTTPConfig(
+        addr=":20202",
+        host="",
+        port=20202,
+        auth_token="tok-123",
+        read_timeout=3.0,
+        idle_timeout=60.0,
+        write_timeout=0.5,
+        max_connections=100,
+        max_streams=10,
+    )
+
+
+def test_http_defaults_need_no_token() -> None:
+    http = parse(full()).http
+    assert http.auth_token is None
+    assert (http.max_connections, http.max_streams) == (1024, 64)
+    assert (http.read_timeout, http.idle_timeout, http.write_timeout) == (10.0, 60.0, 30.0)
+
+
+def test_token_comes_from_the_environment_when_the_file_sets_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(config.AUTH_TOKEN_ENV, "from-env")
+    assert parse(full()).http.auth_token == "from-env"
+    assert parse(full(("http.auth-token", "from-file"))).http.auth_token == "from-file"
+    assert parse(seed()).http.auth_token == "from-env"
+
+
+def test_token_from_the_environment_is_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(config.AUTH_TOKEN_ENV, "bad token")
+    with pytest.raises(ConfigError, match="environment variable LITEFS_AUTH_TOKEN: must be"):
+        parse(full())
 
 
 def test_seed_shape_defaults() -> None:
@@ -691,6 +776,12 @@ def test_example_file_mentions_every_full_shape_setting() -> None:
         "retention:",
         "retention-monitor-interval:",
         "addr:",
+        "auth-token:",
+        "read-timeout:",
+        "idle-timeout:",
+        "write-timeout:",
+        "max-connections:",
+        "max-streams:",
         "advertise-url:",
         "hostname:",
         "candidate:",

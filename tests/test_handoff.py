@@ -59,6 +59,27 @@ def test_handoff_moves_the_primary_role_to_the_named_replica(
     assert_handoff_works(nodes)
 
 
+def test_handoff_with_a_token_needs_it_and_the_command_sends_it(
+    start_node: StartNode, etcd_server: EtcdServer
+) -> None:
+    settings = etcd_settings(etcd_server)
+    settings["http"] = {"auth-token": "handoff-secret"}
+    nodes = [start_node(name, settings=settings) for name in ("a", "b")]
+    wait_for(lambda: sorted(role(n) or "" for n in nodes) == ["primary", "replica"])
+    primary = next(n for n in nodes if role(n) == "primary")
+    target = next(n for n in nodes if n is not primary)
+    without = subprocess.run(
+        [sys.executable, "-m", "litefs", "handoff", "-url", primary.url, "-to", target.name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert without.returncode == 1
+    assert "handoff refused (401)" in without.stderr
+    assert role(primary) == "primary"
+    assert_handoff_works(nodes)
+
+
 def test_handoff_works_with_a_consul_lease(start_node: StartNode, tmp_path: Path) -> None:
     with consul_for_test(tmp_path / "consul.log") as consul:
         key = unique_key()

@@ -234,6 +234,42 @@ REFUSALS = [
     pytest.param(
         "POST", "/stream", b" " * (1 << 20) + b"{}", JSON, 413, "Too Large", id="body-over-1mib"
     ),
+    pytest.param(
+        "POST",
+        "/stream",
+        b'{"positions": {"\\ud800": {"txid": "0000000000000001", "checksum": "8000000000000000"}}}',
+        JSON,
+        400,
+        "database name is not valid Unicode",
+        id="name-lone-surrogate",
+    ),
+    pytest.param(
+        "POST",
+        "/stream",
+        b'{"node": "\\udfff"}',
+        JSON,
+        400,
+        "not valid Unicode",
+        id="node-surrogate",
+    ),
+    pytest.param(
+        "POST", "/stream", b'{"node": "a\\nb"}', JSON, 400, "control characters", id="node-newline"
+    ),
+    pytest.param(
+        "POST",
+        "/stream",
+        json.dumps({"node": "n" * 100_000}).encode(),
+        JSON,
+        400,
+        "at most 255 characters",
+        id="node-100kb",
+    ),
+    pytest.param(
+        "POST", "/stream", b'{"node": 7}', JSON, 400, "node must be a string", id="node-7"
+    ),
+    pytest.param(
+        "POST", "/handoff?to=a%0Ab", None, None, 400, "control characters", id="handoff-to-newline"
+    ),
 ]
 
 

@@ -20,6 +20,7 @@ content of the database is the file overlaid with that map.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -59,6 +60,8 @@ class WriteAheadLog:
         self._commits: dict[int, bool] = {}
         """Offsets of frames written with a commit size beyond the chain's end,
         and whether their page has been written too."""
+        self._refused: tuple[int, int, int] | None = None
+        """(start, end, errno) of a commit frame that could not be recorded."""
 
     # -- what the mount asks ----------------------------------------------
 
@@ -93,6 +96,8 @@ class WriteAheadLog:
     def write(self, fd: int, offset: int, data: bytes, wait: bool = True) -> int:
         db = self.db
         db.check_writable()
+        if self._refused is not None:
+            self._refuse_rest_of_frame(offset, len(data))
         if offset < HEADER_SIZE:
             db.pull_cached_pages()
             with db.locked(wait):
@@ -131,6 +136,19 @@ class WriteAheadLog:
             os.unlink(self.path)
             self._forget()
 
+    def _refuse_rest_of_frame(self, offset: int, size: int) -> None:
+        """The kernel may split one write of SQLite's into several; when the
+        part completing a commit frame fails (its LTX file could not be
+        written: disk full), it reports a short write, and SQLite writes the
+        rest again. That rest must fail too, or SQLite takes the commit for
+        done. A write from the frame's start on is a new attempt."""
+        assert self._refused is not None
+        start, end, code = self._refused
+        if offset <= start < offset + size or offset >= end:
+            self._refused = None
+        elif offset < end:
+            raise OSError(code, "the transaction could not be recorded")
+
     def _before_frames_are_lost(self) -> None:
         """Transactions are recorded from the log without syncing their LTX
         files: while the log holds them, recovery can record them again.
@@ -146,6 +164,7 @@ class WriteAheadLog:
         self.chain = None
         self.pages = {}
         self._commits = {}
+        self._refused = None
 
     # -- capture -----------------------------------------------------------
 
@@ -211,8 +230,10 @@ class WriteAheadLog:
                 continue
             try:
                 self._record(fd, pending)
-            except Exception:
+            except Exception as exc:
                 self._invalidate(fd, frame)
+                code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+                self._refused = (frame.offset, frame.offset + chain.header.frame_size, code)
                 raise
             chain.advance(frame)
             pending = []

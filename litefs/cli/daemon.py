@@ -24,7 +24,7 @@ from pathlib import Path
 
 from litefs import config as configuration
 from litefs.cli import EXIT_USAGE, CommandError
-from litefs.config import Config, ExecCommand
+from litefs.config import AUTH_TOKEN_ENV, Config, ExecCommand
 from litefs.mountpoint import is_mounted, unmount
 
 log = logging.getLogger("litefs")
@@ -147,14 +147,30 @@ def run_handoff(args: argparse.Namespace) -> int:
     """Ask the primary to hand its role over, and report what it answered."""
     url = node_url(args)
     target = f"{url}/handoff?{urllib.parse.urlencode({'to': args.to})}"
-    answer = request_json(url, target, method="POST", failure="handoff refused")
+    answer = request_json(
+        url, target, method="POST", failure="handoff refused", token=node_token(args)
+    )
     print(f"primary role handed off to {answer.get('primary', args.to)}")
     return 0
 
 
-def request_json(url: str, target: str, *, method: str, failure: str) -> dict[str, object]:
+def node_token(args: argparse.Namespace) -> str | None:
+    """The shared secret a node may require: the configuration's (which
+    falls back to the environment's), or the environment's alone for a
+    node named by `-url` without a configuration."""
+    if getattr(args, "url", None) is not None and getattr(args, "config", None) is None:
+        return os.environ.get(AUTH_TOKEN_ENV) or None
+    return load_config(getattr(args, "config", None)).http.auth_token
+
+
+def request_json(
+    url: str, target: str, *, method: str, failure: str, token: str | None = None
+) -> dict[str, object]:
     """One HTTP request to a node; its JSON error becomes the message."""
-    request = urllib.request.Request(target, method=method, data=b"" if method == "POST" else None)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(
+        target, method=method, data=b"" if method == "POST" else None, headers=headers
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             answer: dict[str, object] = json.load(response)

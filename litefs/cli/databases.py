@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from litefs.cli import CommandError
-from litefs.cli.daemon import add_config_flag, error_message, node_url
+from litefs.cli.daemon import add_config_flag, error_message, node_token, node_url
 
 TRANSFER_TIMEOUT = 3600.0
 BLOCK = 1 << 20
@@ -70,6 +70,11 @@ def _target(args: argparse.Namespace, path: str) -> tuple[str, str]:
     return url, f"{url}{path}?{urllib.parse.urlencode({'name': args.name})}"
 
 
+def _authorization(args: argparse.Namespace) -> dict[str, str]:
+    token = node_token(args)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def run_import(args: argparse.Namespace) -> int:
     source = Path(args.file)
     try:
@@ -78,12 +83,12 @@ def run_import(args: argparse.Namespace) -> int:
         raise CommandError(f"{source}: {exc.strerror or exc}") from None
     url, target = _target(args, "/import")
     with f:
-        answer = _upload(url, target, f)
+        answer = _upload(url, target, f, _authorization(args))
     print(f"{source}: imported as {args.name} at TXID {answer['txid']}/{answer['checksum']}")
     return 0
 
 
-def _upload(url: str, target: str, f: BinaryIO) -> dict[str, str]:
+def _upload(url: str, target: str, f: BinaryIO, headers: dict[str, str]) -> dict[str, str]:
     """POST a file in large blocks (urllib sends 8 KiB at a time)."""
     parts = urllib.parse.urlsplit(target)
     connection_class = (
@@ -96,6 +101,7 @@ def _upload(url: str, target: str, f: BinaryIO) -> dict[str, str]:
             f"{parts.path}?{parts.query}",
             body=f,
             headers={
+                **headers,
                 "Content-Type": "application/vnd.sqlite3",
                 "Content-Length": str(os.fstat(f.fileno()).st_size),
             },
@@ -127,7 +133,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise CommandError(f"{out}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            position = _download(url, target, f)
+            position = _download(url, target, f, _authorization(args))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
@@ -139,9 +145,10 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _download(url: str, target: str, f: BinaryIO) -> str:
+def _download(url: str, target: str, f: BinaryIO, headers: dict[str, str]) -> str:
+    request = urllib.request.Request(target, headers=headers)
     try:
-        with urllib.request.urlopen(target, timeout=TRANSFER_TIMEOUT) as response:
+        with urllib.request.urlopen(request, timeout=TRANSFER_TIMEOUT) as response:
             while block := response.read(BLOCK):
                 f.write(block)
             return str(response.headers.get("LiteFS-Position", "?"))

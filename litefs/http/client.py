@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 
@@ -52,8 +53,13 @@ class ReplicaClient:
         hostname: str,
         metrics: Metrics,
         on_handoff: Callable[[str], None] | None = None,
+        *,
+        auth_token: str | None = None,
     ) -> None:
         self.store = store
+        self.headers = {"Content-Type": "application/json"}
+        if auth_token:
+            self.headers["Authorization"] = f"Bearer {auth_token}"
         self.hostname = hostname
         self.metrics = metrics
         self.on_handoff = on_handoff
@@ -107,7 +113,7 @@ class ReplicaClient:
         async with session.post(
             url + protocol.STREAM_PATH,
             data=body,
-            headers={"Content-Type": "application/json"},
+            headers=self.headers,
         ) as response:
             if response.status != 200:
                 text = (await response.text())[:200]
@@ -151,20 +157,32 @@ class ReplicaClient:
             self.store.replica_heard(current=self.ready.is_set())
 
     async def _receive_file(self, reader: protocol.Reader, path: Path) -> tuple[int, ltx.Header]:
-        size = 0
-        first = b""
-        with open(path, "wb") as out:
-            while chunk := await protocol.read_chunk(reader):
-                self.last_frame = time.monotonic()
-                if len(first) < ltx.HEADER_SIZE:
-                    first += chunk[: ltx.HEADER_SIZE - len(first)]
-                out.write(chunk)
-                size += len(chunk)
+        try:
+            with open(path, "wb") as out:
+                first, size = await self._store_chunks(reader, out)
+        except ConnectionError:
+            raise
+        except OSError as exc:  # a full disk: the next connection tries again
+            raise ReplicationError(
+                f"cannot store an incoming LTX file: {exc.strerror or exc}"
+            ) from None
         try:
             header = ltx.Header.unpack(first)
         except ltx.LTXError as exc:
             raise ReplicationError(f"received LTX file has a bad header: {exc}") from None
         return size, header
+
+    async def _store_chunks(self, reader: protocol.Reader, out: BinaryIO) -> tuple[bytes, int]:
+        size = 0
+        first = b""
+        while chunk := await protocol.read_chunk(reader):
+            self.last_frame = time.monotonic()
+            if len(first) < ltx.HEADER_SIZE:
+                first += chunk[: ltx.HEADER_SIZE - len(first)]
+            out.write(chunk)
+            size += len(chunk)
+        out.flush()
+        return first, size
 
     async def _receive(self, reader: protocol.Reader, name: str) -> None:
         path = self.store.incoming_path()
@@ -180,6 +198,10 @@ class ReplicaClient:
                 raise ReplicationError(f"rejected LTX file for {name}: {exc}") from None
             except DatabaseError as exc:
                 raise ReplicationError(str(exc)) from None
+            except OSError as exc:
+                raise ReplicationError(
+                    f"cannot apply the LTX file for {name}: {exc.strerror or exc}"
+                ) from None
         finally:
             path.unlink(missing_ok=True)
         self.metrics.ltx_bytes.inc(size)

@@ -30,6 +30,8 @@ READ_TIMEOUT = 5.0
 """Seconds without any frame after which a replica gives the stream up."""
 
 MAX_PAYLOAD = 4096
+MAX_NODE_NAME = 255
+"""Characters in a node's name (the request's `node`, handoff's `to`)."""
 MAX_CHUNK = 1 << 20
 MAX_REQUEST = 1 << 20
 
@@ -70,6 +72,11 @@ def frame(kind: FrameType, payload: bytes = b"") -> bytes:
 
 def chunk(data: bytes | memoryview) -> bytes:
     return _CHUNK_HEADER.pack(len(data)) + bytes(data)
+
+
+def chunk_header(length: int) -> bytes:
+    """The length prefix of a chunk whose bytes are written separately."""
+    return _CHUNK_HEADER.pack(length)
 
 
 END_OF_FILE = _CHUNK_HEADER.pack(0)
@@ -134,17 +141,38 @@ def decode_request(body: bytes) -> tuple[str, dict[str, Position]]:
     node = value.get("node", "")
     if not isinstance(node, str):
         raise BadRequest("node must be a string")
+    if node:
+        check_node_name(node, "node")
     raw = value.get("positions", {})
     if not isinstance(raw, dict):
         raise BadRequest("positions must be an object")
     positions = {}
     for name, position in raw.items():
+        _check_text(name, "database name")
         try:
             check_name(name)
         except InvalidName as exc:
             raise BadRequest(str(exc)) from None
         positions[name] = _position(name, position)
     return node, positions
+
+
+def check_node_name(name: str, field: str) -> str:
+    """A node's name goes into logs and /info: printable, one line, short."""
+    _check_text(name, field)
+    if len(name) > MAX_NODE_NAME:
+        raise BadRequest(f"{field} must be at most {MAX_NODE_NAME} characters, got {len(name)}")
+    if not name.isprintable():
+        raise BadRequest(f"{field} must not contain control characters: {name!r}")
+    return name
+
+
+def _check_text(text: str, field: str) -> None:
+    """JSON can carry lone surrogates (`"\\ud800"`), which are no UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{field} is not valid Unicode text: {text[:100]!r}") from None
 
 
 def _position(name: str, value: object) -> Position:

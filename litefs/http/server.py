@@ -4,23 +4,33 @@
 It runs on asyncio in the daemon's second thread. The stream handler wakes on
 store change notices (delivered with `call_soon_threadsafe`), never polls,
 and does anything that blocks (snapshots) in worker threads.
+
+A stream costs the node a bounded amount of memory however slowly its
+replica reads: files go out in slices of `SEND_SLICE` bytes, each written
+only once the connection's buffer has drained, and a replica that takes no
+bytes for the write timeout is dropped. Connections and streams are capped
+(see `limits`), and when a shared secret is configured, /stream and
+/handoff answer only requests that carry it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 from aiohttp import web
 
 from litefs import ltx, sqlitefile
+from litefs.config import HTTPConfig
 from litefs.db import EMPTY_POSITION, DatabaseError, Position
 from litefs.http import protocol
+from litefs.http.limits import ConnectionLimits, GuardedHandler, connection_cap, json_error
 from litefs.http.metrics import Metrics
 from litefs.http.protocol import FrameType
 from litefs.store import InvalidName, NotPrimary, Store, check_new_name
@@ -28,13 +38,18 @@ from litefs.store import InvalidName, NotPrimary, Store, check_new_name
 log = logging.getLogger("litefs.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-SMALL_FILE = 1 << 20
 UPLOAD_CHUNK = 1 << 20
+SEND_SLICE = 64 << 10
+"""Bytes of a file handed to a connection at a time; a file that fits is
+sent, with its frame and end marker, in one write."""
 HANDOFF_CATCH_UP = 5.0
+PROTECTED_PATHS = frozenset({protocol.STREAM_PATH, "/handoff", "/import", "/export"})
+"""Paths that need the shared secret when one is configured: those that
+change the cluster's state or hand out a database's contents."""
 
 
-def json_error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
+class StreamStalled(Exception):
+    """The replica took no bytes for the write timeout."""
 
 
 @web.middleware
@@ -59,17 +74,29 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
 class Server:
     """Serves one node's store over HTTP."""
 
-    def __init__(self, store: Store, hostname: str, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        store: Store,
+        hostname: str,
+        metrics: Metrics,
+        settings: HTTPConfig | None = None,
+        descriptors: int = 1024,
+    ) -> None:
         self.store = store
         self.hostname = hostname
         self.metrics = metrics
+        self.settings = settings = settings or HTTPConfig(addr="", host="", port=0)
         self.replicas: dict[int, str] = {}
         self.sessions: dict[int, StreamSession] = {}
         self.on_handoff: Callable[[str], Awaitable[None]] | None = None
         self.proxy_url: str | None = None
         """This node's write-forwarding proxy, advertised in /info."""
+        max_connections = connection_cap(settings.max_connections, descriptors)
+        self.limits = ConnectionLimits(max_connections, settings.read_timeout)
+        self.max_streams = min(settings.max_streams, max_connections)
+        self._token = settings.auth_token.encode() if settings.auth_token else None
         self.app = web.Application(
-            middlewares=[errors_as_json], client_max_size=protocol.MAX_REQUEST
+            middlewares=[errors_as_json, self.require_token], client_max_size=protocol.MAX_REQUEST
         )
         self.app.router.add_post(protocol.STREAM_PATH, self.stream)
         self.app.router.add_get("/info", self.info)
@@ -78,6 +105,7 @@ class Server:
         self._add_change("/handoff", self.handoff)
         self._add_change("/import", self.import_database)
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
 
     def _add_change(self, path: str, handler: Handler) -> None:
         """Every request that changes the cluster's state is routed here, so
@@ -85,15 +113,60 @@ class Server:
         self.app.router.add_post(path, handler)
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host or None, port, reuse_address=True)
-        await site.start()
-        log.info("http server listening on %s:%d", host or "*", port)
+        self._runner = runner = web.AppRunner(self.app, handle_signals=False)
+        await runner.setup()
+        assert runner.server is not None
+        manager = runner.server
+        loop = asyncio.get_running_loop()
+
+        def connection() -> GuardedHandler:
+            return GuardedHandler(
+                manager,
+                loop=loop,
+                limits=self.limits,
+                keepalive_timeout=self.settings.idle_timeout,
+                access_log=None,
+                lingering_time=1.0,
+            )
+
+        self._listener = await loop.create_server(
+            connection, host or None, port, reuse_address=True
+        )
+        log.info(
+            "http server listening on %s:%d (at most %d connections, %d streams%s)",
+            host or "*",
+            port,
+            self.limits.max_connections,
+            self.max_streams,
+            ", token required" if self._token else "",
+        )
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
+
+    @web.middleware
+    async def require_token(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """With a shared secret configured, /stream and /handoff need it as
+        `Authorization: Bearer <token>`."""
+        if self._token is None or request.path not in PROTECTED_PATHS:
+            return await handler(request)
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("utf-8", "replace"), self._token
+        ):
+            log.warning(
+                "refused %s %s from %s: no valid token",
+                request.method,
+                request.path,
+                request.remote,
+            )
+            response = json_error(401, "this node requires a valid token (Authorization: Bearer)")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="litefs"'
+            return response
+        return await handler(request)
 
     # -- /info and /metrics -------------------------------------------------
 
@@ -208,6 +281,10 @@ class Server:
         target = request.query.get("to", "")
         if not target or set(request.query) - {"to"}:
             return json_error(400, "handoff takes one parameter: to=<replica name>")
+        try:
+            protocol.check_node_name(target, "to")
+        except protocol.BadRequest as exc:
+            return json_error(400, str(exc))
         if not self.store.is_primary:
             return json_error(409, "this node is not the primary")
         if self.on_handoff is None:
@@ -247,7 +324,13 @@ class Server:
         if request.content_type != "application/json":
             return json_error(415, "the stream request body must be application/json")
         try:
-            replica, positions = protocol.decode_request(await request.read())
+            body = await asyncio.wait_for(request.read(), self.settings.read_timeout)
+        except TimeoutError:
+            return json_error(
+                408, f"the request body did not arrive in {self.settings.read_timeout:g}s"
+            )
+        try:
+            replica, positions = protocol.decode_request(body)
         except protocol.BadRequest as exc:
             return json_error(400, str(exc))
         if not self.store.is_primary:
@@ -257,9 +340,18 @@ class Server:
                 "this node is not the primary",
                 primary=primary.advertise_url if primary else None,
             )
+        if len(self.sessions) >= self.max_streams:
+            log.warning(
+                "refusing a stream to %s: %d streams are open, the most allowed",
+                replica or request.remote,
+                len(self.sessions),
+            )
+            return json_error(503, f"too many streams (at most {self.max_streams})")
         response = web.StreamResponse(headers={"Content-Type": protocol.CONTENT_TYPE})
         await response.prepare(request)
-        session = StreamSession(self.store, response, positions, self.metrics)
+        session = StreamSession(
+            self.store, response, positions, self.metrics, self.settings.write_timeout
+        )
         key = id(session)
         self.replicas[key] = replica or str(request.remote)
         self.sessions[key] = session
@@ -271,6 +363,10 @@ class Server:
             log.info("replica %s disconnected: %s", self.replicas[key], exc or "cancelled")
             if isinstance(exc, asyncio.CancelledError):
                 raise
+        except StreamStalled as exc:
+            log.warning("dropping replica %s: %s", self.replicas[key], exc)
+            if request.transport is not None:
+                request.transport.abort()
         except Exception as exc:
             # The status line is long gone: end the stream so the replica reconnects.
             log.error("stream to replica %s failed: %s", self.replicas[key], exc)
@@ -292,9 +388,11 @@ class StreamSession:
         response: web.StreamResponse,
         positions: dict[str, Position],
         metrics: Metrics,
+        write_timeout: float,
     ) -> None:
         self.store = store
         self.response = response
+        self.write_timeout = write_timeout
         self.sent = dict(positions)
         self.metrics = metrics
         self._pending: set[str] = set(positions) | {db.name for db in store.databases()}
@@ -302,6 +400,14 @@ class StreamSession:
         self._wake.set()
         self.handoff_target: str | None = None
         self._loop = asyncio.get_running_loop()
+
+    async def write(self, data: bytes) -> None:
+        """Hand bytes to the connection, waiting while its buffer is full,
+        but not longer than the write timeout."""
+        try:
+            await asyncio.wait_for(self.response.write(data), self.write_timeout)
+        except TimeoutError:
+            raise StreamStalled(f"it took no bytes for {self.write_timeout:g}s") from None
 
     async def caught_up(self) -> None:
         """Return once the replica has every transaction this node has."""
@@ -330,22 +436,18 @@ class StreamSession:
                     await asyncio.wait_for(self._wake.wait(), protocol.HEARTBEAT_INTERVAL)
                 except TimeoutError:
                     if self.store.is_primary:
-                        await self.response.write(protocol.frame(FrameType.HEARTBEAT))
+                        await self.write(protocol.frame(FrameType.HEARTBEAT))
                     continue
                 self._wake.clear()
                 await self._send_pending()
                 if not ready:
-                    await self.response.write(protocol.frame(FrameType.READY))
+                    await self.write(protocol.frame(FrameType.READY))
                     ready = True
             self._pending.update(db.name for db in self.store.databases())
             await self._send_pending()
             if self.handoff_target is not None:
-                await self.response.write(
-                    protocol.frame(FrameType.HANDOFF, self.handoff_target.encode())
-                )
-            await self.response.write(
-                protocol.frame(FrameType.END, b"this node is no longer the primary")
-            )
+                await self.write(protocol.frame(FrameType.HANDOFF, self.handoff_target.encode()))
+            await self.write(protocol.frame(FrameType.END, b"this node is no longer the primary"))
         finally:
             self.store.remove_listener(self._changed)
 
@@ -363,7 +465,7 @@ class StreamSession:
         db = self.store.database(name)
         if db is None or db.position.txid == 0:
             if name in self.sent and db is None:
-                await self.response.write(protocol.frame(FrameType.DROP, name.encode()))
+                await self.write(protocol.frame(FrameType.DROP, name.encode()))
                 del self.sent[name]
             return
         have = self.sent.get(name, EMPTY_POSITION)
@@ -393,20 +495,31 @@ class StreamSession:
         the file's own header (max TXID) and trailer (post-apply checksum)."""
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
+            header = os.pread(f.fileno(), ltx.HEADER_SIZE, 0)
+            trailer = os.pread(f.fileno(), ltx.TRAILER_SIZE, size - ltx.TRAILER_SIZE)
             head = protocol.frame(FrameType.LTX, name.encode())
-            if size <= SMALL_FILE:
-                data = f.read()
-                await self.response.write(head + protocol.chunk(data) + protocol.END_OF_FILE)
-                header, trailer = data[: ltx.HEADER_SIZE], data[-ltx.TRAILER_SIZE :]
+            if size <= SEND_SLICE:
+                await self.write(head + protocol.chunk(f.read()) + protocol.END_OF_FILE)
             else:
-                await self.response.write(head)
-                header = b""
-                while block := f.read(protocol.MAX_CHUNK):
-                    header = header or block[: ltx.HEADER_SIZE]
-                    await self.response.write(protocol.chunk(block))
-                await self.response.write(protocol.END_OF_FILE)
-                f.seek(size - ltx.TRAILER_SIZE)
-                trailer = f.read(ltx.TRAILER_SIZE)
+                await self.write(head)
+                await self._send_chunks(f, size)
+                await self.write(protocol.END_OF_FILE)
         max_txid = ltx.Header.unpack(header).max_txid
         self.sent[name] = Position(max_txid, int.from_bytes(trailer[:8], "big"))
         self.metrics.ltx_bytes.inc(size)
+
+    async def _send_chunks(self, f: BinaryIO, size: int) -> None:
+        """The file as protocol chunks of up to MAX_CHUNK bytes, each handed
+        to the connection a slice at a time."""
+        remaining = size
+        while remaining:
+            length = min(protocol.MAX_CHUNK, remaining)
+            await self.write(protocol.chunk_header(length))
+            left = length
+            while left:
+                block = f.read(min(SEND_SLICE, left))
+                if not block:
+                    raise OSError(f"{f.name} shrank while being sent")
+                await self.write(block)
+                left -= len(block)
+            remaining -= length
