@@ -62,7 +62,7 @@ def _litefs(*args: str) -> None:
 
 
 def _ltx_files(node: LocalNode, db: str) -> int:
-    return len(list((node.db_dir(db) / "ltx").iterdir()))
+    return len(list((node.db_dir(db) / "ltx").glob("*.ltx")))
 
 
 def run() -> list[Row]:
