@@ -603,11 +603,11 @@ class FileSystem(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle: Handle = self._handles[fh]  # type: ignore[assignment]
         file: SQLiteFile = handle.file  # type: ignore[assignment]  # generated files are read-only
-        if handle.node.unlinked:
-            # The kernel writes back what it cached of a file after its
-            # name is gone; like a disk, keep it with the open file.
-            return os.pwrite(handle.fd, buf, off)
         try:
+            if handle.node.unlinked:
+                # The kernel writes back what it cached of a file after its
+                # name is gone; like a disk, keep it with the open file.
+                return os.pwrite(handle.fd, buf, off)
             return await _carry_out(file.write_blocks(off, buf), file.write, handle.fd, off, buf)
         except DatabaseError as exc:
             raise _fuse_error_for(exc) from None
