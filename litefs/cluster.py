@@ -9,7 +9,6 @@ to give a working cluster to try; the benchmarks and the end-to-end tests use
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import resource
 import shutil
@@ -23,7 +22,13 @@ from typing import Any
 
 import yaml
 
-from litefs.mountpoint import is_mounted, responds, unmount
+from litefs.mountpoint import (
+    abort_connection,
+    fuse_connection,
+    is_mounted,
+    responds,
+    unmount,
+)
 
 MOUNT_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
@@ -33,29 +38,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-FUSECTL = Path("/sys/fs/fuse/connections")
-
-
-def fuse_connection(mount_dir: Path) -> int | None:
-    """The kernel's id of the FUSE connection behind a mount (its device minor)."""
-    if not is_mounted(mount_dir):
-        return None
-    try:
-        return os.minor(os.stat(mount_dir).st_dev)
-    except OSError:
-        return None
-
-
-def abort_fuse_connection(connection: int) -> None:
-    """Fail every request pending on a FUSE connection, as fusectl allows."""
-    if not (FUSECTL / str(connection)).exists():
-        subprocess.run(
-            ["mount", "-t", "fusectl", "none", str(FUSECTL)], capture_output=True, check=False
-        )
-    with contextlib.suppress(OSError):
-        (FUSECTL / str(connection) / "abort").write_text("1")
 
 
 class LocalNode:
@@ -186,7 +168,7 @@ class LocalNode:
         except subprocess.TimeoutExpired:
             # A daemon stuck on a request to its own mount cannot even die.
             if connection is not None:
-                abort_fuse_connection(connection)
+                abort_connection(connection)
         finally:
             if self.process is not None:
                 self.process.kill()
@@ -194,7 +176,7 @@ class LocalNode:
                     self.process.wait(STOP_TIMEOUT)
                 except subprocess.TimeoutExpired:
                     if connection is not None:
-                        abort_fuse_connection(connection)
+                        abort_connection(connection)
                     self.process.wait(STOP_TIMEOUT)
                 self.process = None
             if is_mounted(self.mount_dir):

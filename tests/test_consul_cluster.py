@@ -29,7 +29,7 @@ from consul_process import ConsulProcess, consul_for_test, unique_key
 from node_process import NodeProcess
 from waiting import wait_for
 
-from litefs.cluster import abort_fuse_connection, fuse_connection
+from litefs.mountpoint import abort_connection, fuse_connection
 
 pytestmark = pytest.mark.fuse
 
@@ -161,7 +161,7 @@ class Cluster:
                     node.process.wait(STOP_WITHIN)
                 except subprocess.TimeoutExpired:
                     if connection is not None:
-                        abort_fuse_connection(connection)
+                        abort_connection(connection)
             node.cleanup()
 
 

@@ -70,6 +70,38 @@ def test_mount_held_by_a_live_daemon_is_refused(start_node: StartNode, tmp_path:
     first.sqlite("my.db", "CREATE TABLE t (x);")
 
 
+def test_mount_whose_daemon_never_answers_is_aborted_and_cleared(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    """A daemon frozen for good (as one whose thread is stuck in the kernel
+    after kill -9) holds its mount's requests for ever: a new daemon for the
+    same mount point aborts that connection instead of waiting on it."""
+    first = start_node("primary")
+    assert first.process is not None
+    second = NodeProcess(tmp_path, "second")
+    config = second.config_path.read_text().replace(str(second.mount_dir), str(first.mount_dir))
+    second.config_path.write_text(config)
+    first.process.send_signal(signal.SIGSTOP)
+    try:
+        second.start(wait=False)
+        deadline = time.monotonic() + 30
+        while "mounted " + str(first.mount_dir) not in second.log():
+            assert second.process is not None and second.process.poll() is None, second.log()
+            assert time.monotonic() < deadline, second.log()
+            time.sleep(0.05)
+        assert "whose daemon no longer answers" in second.log()
+        result = subprocess.run(
+            ["sqlite3", "-bail", str(first.mount_dir / "my.db"), "CREATE TABLE t (x);"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+    finally:
+        first.process.send_signal(signal.SIGCONT)
+        second.stop()
+
+
 def test_data_directory_in_use_is_refused(start_node: StartNode, tmp_path: Path) -> None:
     first = start_node("primary")
     second = NodeProcess(tmp_path, "second")

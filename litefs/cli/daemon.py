@@ -25,7 +25,16 @@ from pathlib import Path
 from litefs import config as configuration
 from litefs.cli import EXIT_USAGE, CommandError
 from litefs.config import AUTH_TOKEN_ENV, Config, ExecCommand
-from litefs.mountpoint import is_mounted, unmount
+from litefs.mountpoint import (
+    abort_connection,
+    answers_within,
+    fuse_connection,
+    is_mounted,
+    unmount,
+)
+
+STALE_MOUNT_PROBE = 5.0
+"""Seconds a mount left at the mount point has to answer before it counts as stale."""
 
 log = logging.getLogger("litefs")
 
@@ -227,6 +236,16 @@ def lock_data_dir(data_dir: Path) -> int:
 
 def prepare_mount_dir(mount_dir: Path) -> None:
     """Make the mount point usable, clearing a mount whose daemon is gone."""
+    if is_mounted(mount_dir) and not answers_within(mount_dir, STALE_MOUNT_PROBE):
+        log.warning(
+            "clearing a mount at %s whose daemon no longer answers (aborting its FUSE connection)",
+            mount_dir,
+        )
+        connection = fuse_connection(mount_dir)
+        if connection is not None:
+            abort_connection(connection)
+        unmount(mount_dir)
+        return
     try:
         os.statvfs(mount_dir)  # stat() may answer from the kernel's cache; statfs never does
     except FileNotFoundError:
