@@ -202,7 +202,6 @@ class Database:
         self._xor = 0
         self._dirty: set[int] = set()
         self._size_changed = False
-        self._unsynced: list[Path] = []
 
     # -- life cycle -------------------------------------------------------
 
@@ -234,7 +233,6 @@ class Database:
 
     def close(self) -> None:
         with self.lock:
-            self.sync_history()
             if self.fd >= 0:
                 self._save_clean_stop()
                 os.close(self.fd)
@@ -439,20 +437,6 @@ class Database:
 
         return read_page
 
-    def sync_history(self) -> None:
-        """Make the LTX files written with `Sync.BEFORE_WAL_LOSS` durable."""
-        with self.lock:
-            for path in self._unsynced:
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    continue  # removed by retention or a snapshot
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
-            self._unsynced.clear()
-
     def record_current_state(self, read_page: PageReader) -> Position | None:
         """Record every page as a snapshot at the next TXID."""
         with self.lock:
@@ -594,8 +578,6 @@ class Database:
             crash("before-ltx-sync")
             if sync is Sync.NOW:
                 os.fdatasync(fd)  # the directory entry is left to the filesystem: see recover()
-            elif sync is Sync.BEFORE_WAL_LOSS:
-                self._unsynced.append(path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(written)

@@ -81,15 +81,12 @@ class Sync(Enum):
 
     NOW = "now"
     """Before the transaction goes ahead."""
-    BEFORE_WAL_LOSS = "before the WAL loses its frames"
-    """In WAL mode: the WAL holds the transaction, and recovery records it
-    again from there, until the WAL is restarted, truncated or removed
-    (`sync_history`)."""
     FILESYSTEM = "when the filesystem writes it back"
-    """Rollback journals: SQLite synced the database before ending the
-    journal, so a file a power cut loses or tears leaves either a hot
-    journal (rolled back) or a database ahead of its history (recorded as a
-    snapshot): one fsync less per commit."""
+    """Captured commits: a file a power cut loses or tears leaves a hot
+    journal (rolled back), a WAL that still holds the transaction (recorded
+    again), or a database ahead of its history (recorded as a snapshot),
+    and never a database behind a history it cannot reach. One fsync less
+    per commit, and no pause to sync a thousand files when a WAL restarts."""
 
 
 class WouldBlock(Exception):

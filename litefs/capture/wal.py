@@ -99,9 +99,8 @@ class WriteAheadLog:
         if self._refused is not None:
             self._refuse_rest_of_frame(offset, len(data))
         if offset < HEADER_SIZE:
-            db.pull_cached_pages()
+            self._before_frames_are_lost()
             with db.locked(wait):
-                self._before_frames_are_lost()
                 written = os.pwrite(fd, data, offset)
                 self._start_generation(fd)
                 self._scan(offset, data, update=True)
@@ -118,11 +117,9 @@ class WriteAheadLog:
         return written
 
     def truncate(self, size: int, wait: bool = True) -> None:
-        self.db.pull_cached_pages()
+        self._before_frames_are_lost()
         with self.db.locked(wait):
             cuts_frames = self.chain is not None and size < self.chain.end
-            if cuts_frames:
-                self._before_frames_are_lost()
             os.truncate(self.path, size)
             if cuts_frames:
                 self._forget()
@@ -130,9 +127,8 @@ class WriteAheadLog:
                 del self._commits[offset]
 
     def remove(self, wait: bool = True) -> None:
-        self.db.pull_cached_pages()
+        self._before_frames_are_lost()
         with self.db.locked(wait):
-            self._before_frames_are_lost()
             os.unlink(self.path)
             self._forget()
 
@@ -150,13 +146,11 @@ class WriteAheadLog:
             raise OSError(code, "the transaction could not be recorded")
 
     def _before_frames_are_lost(self) -> None:
-        """Transactions are recorded from the log without syncing their LTX
-        files: while the log holds them, recovery can record them again.
-        Before the log is restarted, cut short or removed, the files must be
-        durable, and the database file must hold the pages checkpoints
-        copied into it (the kernel may still be caching them: its caller
-        pulls them first)."""
-        self.db.sync_history()
+        """Before the log is restarted, cut short or removed, the database
+        file must hold the pages checkpoints copied into it: the kernel may
+        still be caching them. Pulling them needs the mount's loop free, so
+        it comes before the database's lock is taken."""
+        self.db.pull_cached_pages()
 
     def _forget(self) -> None:
         """The log is gone or restarted: SQLite does that only once every
@@ -262,7 +256,7 @@ class WriteAheadLog:
             grown = range(db.page_count + 1, commit + 1)
             pages = sorted(set(latest).union(grown))
         db.record_transaction(
-            pages, commit, page_size, read_page, snapshot=snapshot, sync=Sync.BEFORE_WAL_LOSS
+            pages, commit, page_size, read_page, snapshot=snapshot, sync=Sync.FILESYSTEM
         )
         _overlay(self.pages, latest, commit)
 
