@@ -35,11 +35,11 @@ from litefs import clean_stop, ltx
 from litefs.capture import NO_CRASH, CrashPoints, Sync, WouldBlock, read_page_at
 from litefs.capture.rollback import RollbackJournal, journal_is_hot
 from litefs.capture.wal import SharedMemory, WriteAheadLog
+from litefs.ltx import SQLITE_MAGIC
 from litefs.spares import SpareFiles
 
 log = logging.getLogger("litefs.db")
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 PageReader = Callable[[int], bytes]
 """Returns the content of a page (by number) as of the transaction being recorded."""

@@ -19,7 +19,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-PENDING_BYTE = 0x40000000
+from litefs.ltx import PENDING_BYTE
+
 RESERVED_BYTE = PENDING_BYTE + 1
 SHARED_FIRST = PENDING_BYTE + 2
 SHARED_SIZE = 510
