@@ -26,7 +26,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +35,7 @@ from litefs.capture import NO_CRASH, CrashPoints, Sync, WouldBlock, read_page_at
 from litefs.capture.rollback import RollbackJournal, journal_is_hot
 from litefs.capture.wal import SharedMemory, WriteAheadLog
 from litefs.ltx import SQLITE_MAGIC
+from litefs.position import EMPTY_POSITION, Position
 from litefs.spares import SpareFiles
 
 log = logging.getLogger("litefs.db")
@@ -101,20 +101,6 @@ class Content(Enum):
     SQLITE = "sqlite"
     PLAIN = "plain"
     """Not SQLite: kept as a local file and never replicated."""
-
-
-@dataclass(frozen=True, slots=True)
-class Position:
-    """Where a database is in its history: last TXID and the checksum after it."""
-
-    txid: int
-    checksum: int
-
-    def __str__(self) -> str:
-        return f"{self.txid:016x}/{self.checksum:016x}"
-
-
-EMPTY_POSITION = Position(0, 0)
 
 
 class MainFile:

@@ -52,7 +52,8 @@ from litefs.db import (
     NotPermitted,
     ReadOnlyError,
 )
-from litefs.store import InvalidName, ReservedName, Store, check_new_name
+from litefs.names import InvalidName, ReservedName, check_new_name
+from litefs.store import Store
 
 log = logging.getLogger("litefs.fuse")
 T = TypeVar("T")

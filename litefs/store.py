@@ -18,20 +18,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from enum import Enum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Protocol
 
 from litefs import ltx, sqlitefile, walfile
 from litefs.capture import NO_CRASH, CrashPoints
-from litefs.db import (
-    Database,
-    NotPermitted,
-    Position,
-    PositionMismatch,
-    ReadOnlyError,
-)
+from litefs.db import Database, NotPermitted, PositionMismatch, ReadOnlyError
 from litefs.lease import PrimaryInfo
 from litefs.locking import DatabaseLock
+from litefs.names import ReservedName, check_name, check_new_name
+from litefs.position import Position
 
 log = logging.getLogger("litefs.store")
 
@@ -39,24 +35,6 @@ log = logging.getLogger("litefs.store")
 class Role(Enum):
     PRIMARY = "primary"
     REPLICA = "replica"
-
-
-class InvalidName(ValueError):
-    """A database name that could escape the data directory or is malformed."""
-
-
-def check_name(name: str) -> str:
-    """Validate a database name: a relative path without `.`/`..` parts."""
-    path = PurePosixPath(name)
-    if (
-        not name
-        or path.is_absolute()
-        or "\x00" in name
-        or any(part in ("", ".", "..") for part in name.split("/"))
-        or len(name.encode()) > 1024
-    ):
-        raise InvalidName(f"invalid database name: {name!r}")
-    return name
 
 
 class NotPrimary(ReadOnlyError):
@@ -71,30 +49,6 @@ CURRENT_FOR = 2.0
 """Seconds a replica that has applied all it received counts as current
 after it last heard from the primary, which sends a heartbeat every second
 when it has nothing else to send."""
-RESERVED_NAMES = (".primary", ".lag")
-"""Files the mount generates in its root."""
-POSITION_SUFFIX = "-pos"
-
-
-class ReservedName(InvalidName):
-    """A name the mount keeps for a file it generates."""
-
-
-def check_new_name(name: str) -> str:
-    """A name a new database or directory may take: a valid name that does
-    not collide with a file the mount generates. A database `bar-pos` would
-    hide the position file of `bar`, so no name ends in `-pos`."""
-    check_name(name)
-    if name in RESERVED_NAMES:
-        raise ReservedName(f"{name} is reserved: the mount generates it")
-    if name.rsplit("/", 1)[-1].endswith(POSITION_SUFFIX):
-        raise ReservedName(
-            f"{name}: database names may not end in {POSITION_SUFFIX}, "
-            f"which names the position file of {name[: -len(POSITION_SUFFIX)]}"
-        )
-    return name
-
-
 Listener = Callable[[str], None]
 """Called with a database name after it changed (commit, creation, removal)."""
 

@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 
 import pytest
 
-from litefs.db import Position
 from litefs.http import protocol
 from litefs.http.protocol import (
     END_OF_FILE,
@@ -26,6 +25,7 @@ from litefs.http.protocol import (
     FrameType,
     ProtocolError,
 )
+from litefs.position import Position
 
 T = TypeVar("T")
 

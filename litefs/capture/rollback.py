@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, TypeVar
 from litefs.capture import SMALL_TRANSACTION, CrashPoints
 
 if TYPE_CHECKING:
-    from litefs.db import Database, Position
+    from litefs.db import Database
+    from litefs.position import Position
 
 T = TypeVar("T")
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from litefs.db import Position
-from litefs.store import InvalidName, check_name
+from litefs.names import InvalidName, check_name
+from litefs.position import Position
 
 CONTENT_TYPE = "application/x-litefs-stream"
 STREAM_PATH = "/stream"

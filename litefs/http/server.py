@@ -28,12 +28,14 @@ from aiohttp import web
 
 from litefs import ltx, sqlitefile
 from litefs.config import HTTPConfig
-from litefs.db import EMPTY_POSITION, DatabaseError, Position
+from litefs.db import DatabaseError
 from litefs.http import protocol
 from litefs.http.limits import ConnectionLimits, GuardedHandler, connection_cap, json_error
 from litefs.http.metrics import Metrics
 from litefs.http.protocol import FrameType
-from litefs.store import InvalidName, NotPrimary, Store, check_new_name
+from litefs.names import InvalidName, check_new_name
+from litefs.position import EMPTY_POSITION, Position
+from litefs.store import NotPrimary, Store
 
 log = logging.getLogger("litefs.http")
 
