@@ -1,0 +1,226 @@
+"""Three candidate nodes and one etcd, each node in its own network namespace.
+
+The nodes are the tests' `NodeProcess` daemons (real `litefs mount`
+processes, cleaned up with `fusermount3 -uz` however they end) and etcd is
+the tests' `EtcdServer`, listening on the bridge so that a cut-off node loses
+etcd as well as its peers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from faults.network import Bridge
+
+TTL = 2.0
+HTTP_PORT = 20202
+DB = "app.db"
+REQUEST_TIMEOUT = 0.5
+
+
+def _tests_module(name: str) -> ModuleType:
+    """A module of tests/ (the etcd launcher, the node process) loaded by path."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parent.parent / "tests" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_etcd_server = _tests_module("etcd_server")
+_node_process = _tests_module("node_process")
+
+
+class BridgedEtcd(_etcd_server.EtcdServer):  # type: ignore[name-defined]
+    """The tests' etcd, serving clients on the bridge's address instead of loopback."""
+
+    def __init__(self, base_dir: Path, host: str) -> None:
+        super().__init__(base_dir)
+        self.host = host
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+
+class Node(_node_process.NodeProcess):  # type: ignore[name-defined]
+    """A node whose daemon runs in a network namespace, at its own address."""
+
+    def __init__(
+        self, root: Path, name: str, address: str, enter: list[str], etcd_url: str
+    ) -> None:
+        url = f"http://{address}:{HTTP_PORT}"
+        settings: dict[str, Any] = {
+            "http": {"addr": f"{address}:{HTTP_PORT}"},
+            "data": {"retention": "24h"},
+            "log": {"debug": False},
+            "lease": {
+                "type": "etcd",
+                "hostname": name,
+                "advertise-url": url,
+                "candidate": True,
+                "etcd": {"endpoints": [etcd_url], "key": "litefs/primary", "ttl": f"{TTL:g}s"},
+            },
+        }
+        super().__init__(root, name, port=HTTP_PORT, settings=settings)
+        self.url = url
+        self.enter = enter
+        self.frozen = False
+        self.cut = False
+
+    def start(self, *, wait: bool = True, env: dict[str, str] | None = None) -> Node:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    *self.enter,
+                    sys.executable,
+                    "-m",
+                    "litefs",
+                    "mount",
+                    "-config",
+                    str(self.config_path),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+            )
+        self.frozen = False
+        if wait:
+            self.wait_mounted()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.running:
+            assert self.process is not None
+            self.process.send_signal(sig)
+
+    def info(self, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any] | None:
+        """The node's /info, or None when it does not answer in time."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/info", timeout=timeout) as resp:
+                answer: dict[str, Any] = json.load(resp)
+                return answer
+        except (OSError, ValueError):
+            return None
+
+    def role(self) -> str | None:
+        answer = self.info()
+        return None if answer is None else str(answer.get("role"))
+
+    def position(self) -> tuple[int, int] | None:
+        """(TXID, checksum) from the mount's `-pos` file, or None."""
+        try:
+            text = (self.mount_dir / f"{DB}-pos").read_text().strip()
+            txid, checksum = text.split("/")
+            return int(txid, 16), int(checksum, 16)
+        except (OSError, ValueError):
+            return None
+
+    def thaw(self) -> None:
+        if self.frozen:
+            self.signal(signal.SIGCONT)
+            self.frozen = False
+
+
+class Cluster:
+    """The bridge, etcd and the nodes; `close()` undoes everything, in any state."""
+
+    def __init__(self, root: Path, count: int = 3) -> None:
+        self.root = root
+        self.bridge = Bridge(count)
+        self.etcd = BridgedEtcd(root / "etcd", self.bridge.host_address)
+        self.nodes: list[Node] = []
+
+    def start(self) -> Cluster:
+        self.bridge.setup()
+        (self.root / "etcd").mkdir(parents=True, exist_ok=True)
+        self.etcd.start()
+        for index, address in enumerate(self.bridge.addresses):
+            node = Node(
+                self.root, f"node{index + 1}", address, self.bridge.enter(index), self.etcd.url
+            )
+            self.nodes.append(node)
+            node.start(wait=False)
+        for node in self.nodes:
+            node.wait_mounted()
+        return self
+
+    def primary(self) -> Node | None:
+        """The one node that says it is primary, if exactly one does."""
+        found = [node for node in self.nodes if node.running and not node.frozen]
+        primaries = [node for node in found if node.role() == "primary"]
+        return primaries[0] if len(primaries) == 1 else None
+
+    def elected(self) -> Node | None:
+        """The primary, if every node answers and follows it."""
+        answers = {node.name: node.info() for node in self.nodes}
+        if any(answer is None for answer in answers.values()):
+            return None
+        leaders = [node for node in self.nodes if answers[node.name]["role"] == "primary"]  # type: ignore[index]
+        if len(leaders) != 1:
+            return None
+        for node in self.nodes:
+            answer = answers[node.name]
+            assert answer is not None
+            if node is not leaders[0] and (
+                answer["role"] != "replica"
+                or (answer.get("primary") or {}).get("hostname") != leaders[0].name
+            ):
+                return None
+        return leaders[0]
+
+    def wait_elected(self, timeout: float) -> Node | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            leader = self.elected()
+            if leader is not None:
+                return leader
+            time.sleep(0.1)
+        return None
+
+    def heal(self) -> None:
+        """Every node running, thawed and connected; etcd running."""
+        for index, node in enumerate(self.nodes):
+            node.thaw()
+            if node.cut:
+                self.bridge.heal(index)
+                node.cut = False
+        if not self.etcd.running:
+            self.etcd.start()
+        for node in self.nodes:
+            if not node.running:
+                node.kill()
+                node.start()
+
+    def close(self) -> None:
+        for index, node in enumerate(self.nodes):
+            if node.cut:
+                self.bridge.heal(index)
+                node.cut = False
+        for node in self.nodes:
+            try:
+                node.thaw()
+                node.cleanup()
+            except Exception as exc:
+                print(f"cleanup of {node.name} failed: {exc}", file=sys.stderr)
+        self.etcd.close()
+        self.bridge.close()
