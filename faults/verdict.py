@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import itertools
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,7 +90,7 @@ def split_brain(acks: list[Ack], faults: list[Fault]) -> list[str]:
                 affects(f, first.node) and first.start - LEASE_GRACE <= f.start <= second.start
                 for f in faults
             )
-            if first.node == second.node or first.end > second.start or not ended:
+            if first.end > second.start or not ended:
                 found.append(f"TXID {txid} acknowledged by {first} and by {second}")
     return found
 
@@ -102,10 +103,22 @@ def lost_commit_age(ack: Ack, faults: list[Fault]) -> tuple[float, Fault] | None
     return None
 
 
-def unavailable(acks: list[Ack], since: float, until: float) -> float:
+def unavailable(acks: list[Ack], since: float, until: float) -> tuple[float, float]:
+    """The longest gap between acknowledgements in [since, until], and when it began."""
     ends = sorted(ack.end for ack in acks if since <= ack.end <= until)
     points = [since, *ends, until]
-    return max((b - a for a, b in itertools.pairwise(points)), default=0.0)
+    return max(((b - a, a) for a, b in itertools.pairwise(points)), default=(0.0, since))
+
+
+def unavailable_by_kind(
+    acks: list[Ack], faults: list[Fault], until: float
+) -> dict[str, list[float]]:
+    """For each kind of fault, the longest write gap from each fault to the next."""
+    found: dict[str, list[float]] = defaultdict(list)
+    ordered = sorted(faults, key=lambda f: f.start)
+    for fault, after in itertools.zip_longest(ordered, ordered[1:]):
+        found[fault.kind].append(unavailable(acks, fault.start, after.start if after else until)[0])
+    return found
 
 
 def final_rows(node: Node, ledger: Ledger) -> dict[tuple[int, int], int] | None:
@@ -173,7 +186,17 @@ def judge(
 ) -> Verdict:
     """Heal, wait for one primary with every node caught up, then check everything."""
     verdict = Verdict(faults=len(faults), failovers=failovers(ledger.acks))
-    verdict.max_unavailable_s = unavailable(ledger.acks, since, until)
+    verdict.max_unavailable_s, gap_start = unavailable(ledger.acks, since, until)
+    during = [f.kind for f in faults if f.start <= gap_start + verdict.max_unavailable_s]
+    verdict.details.append(
+        f"longest time without a commit: {verdict.max_unavailable_s:.1f}s from "
+        f"+{gap_start - since:.1f}s, after faults {', '.join(during[-3:])}"
+    )
+    for kind, gaps in sorted(unavailable_by_kind(ledger.acks, faults, until).items()):
+        verdict.details.append(
+            f"{kind}: {len(gaps)} times; no commit for median {statistics.median(gaps):.1f}s, "
+            f"at most {max(gaps):.1f}s"
+        )
     cluster.heal()
     primary = cluster.wait_elected(SETTLE_TIMEOUT)
     if primary is None:
@@ -195,6 +218,7 @@ def judge(
     if rows is None:
         verdict.details.append("the final primary's rows could not be read")
         rows = {}
+    ages: list[float] = []
     for ack in ledger.acks:
         if rows.get((ack.writer, ack.seq)) == ack.txid:
             continue
@@ -205,11 +229,17 @@ def judge(
             verdict.details.append(f"lost {ack}: no fault on {ack.node} after it")
             continue
         age, fault = found
+        ages.append(age)
         inside = -LEASE_GRACE <= age <= ASYNC_WINDOW
         verdict.lost_outside_window += not inside
         verdict.details.append(
             f"lost TXID {ack.txid} acknowledged by {ack.node} {age:+.3f}s before "
             f"{fault.kind}{'' if inside else ' (OUTSIDE the window)'}"
+        )
+    if ages:
+        verdict.details.append(
+            f"lost commits were acknowledged {min(ages):+.2f}s to {max(ages):+.2f}s before "
+            "their fault began (negative: after, while their node still held the lease)"
         )
     brain = split_brain(ledger.acks, faults)
     verdict.split_brain_writes = len(brain)

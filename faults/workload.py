@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from faults.cluster import DB, Cluster, Node
 
-WRITE_DEADLINE = 3.0
+WRITE_DEADLINE = 1.5
 READ_DEADLINE = 5.0
 WRITE_PAUSE = 0.02
 READ_PAUSE = 0.3

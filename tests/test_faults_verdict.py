@@ -47,7 +47,7 @@ def test_a_commit_during_a_partition_has_a_negative_age() -> None:
 
 def test_unavailability_is_the_longest_gap_between_acknowledgements() -> None:
     acks = [ack("node1", 2, 1.0), ack("node1", 3, 1.5), ack("node2", 4, 4.5)]
-    assert unavailable(acks, 0.0, 5.0) == 3.0
+    assert unavailable(acks, 0.0, 5.0) == (3.0, 1.5)
     assert failovers(acks) == 1
 
 
