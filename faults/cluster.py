@@ -21,8 +21,11 @@ from types import ModuleType
 from typing import Any
 
 from faults.network import Bridge
+from litefs.cluster import MOUNT_TIMEOUT, STOP_TIMEOUT, abort_fuse_connection, fuse_connection
 
 TTL = 2.0
+KILL_TIMEOUT = 10.0
+"""A SIGKILLed daemon that has not exited by then is stuck in its own mount."""
 HTTP_PORT = 20202
 DB = "app.db"
 REQUEST_TIMEOUT = 0.5
@@ -81,6 +84,9 @@ class Node(_node_process.NodeProcess):  # type: ignore[name-defined]
         self.enter = enter
         self.frozen = False
         self.cut = False
+        self.process: subprocess.Popen[bytes] | None = None
+        self.connection: int | None = None
+        self.stuck: list[str] = []
 
     def start(self, *, wait: bool = True, env: dict[str, str] | None = None) -> Node:
         with open(self.log_path, "ab") as log:
@@ -103,6 +109,25 @@ class Node(_node_process.NodeProcess):  # type: ignore[name-defined]
         if wait:
             self.wait_mounted()
         return self
+
+    def wait_mounted(self, timeout: float = MOUNT_TIMEOUT) -> None:
+        super().wait_mounted(timeout)
+        self.connection = fuse_connection(self.mount_dir)
+
+    def kill(self) -> None:
+        """SIGKILL; a daemon that cannot die (a thread waits on its own mount)
+        is described, then freed by aborting its FUSE connection."""
+        if self.process is None:
+            return
+        self.process.kill()
+        try:
+            self.process.wait(KILL_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.stuck.append(blocked_threads(self.process.pid))
+            if self.connection is not None:
+                abort_fuse_connection(self.connection)
+            self.process.wait(STOP_TIMEOUT)
+        self.process = None
 
     @property
     def running(self) -> bool:
@@ -139,6 +164,22 @@ class Node(_node_process.NodeProcess):  # type: ignore[name-defined]
         if self.frozen:
             self.signal(signal.SIGCONT)
             self.frozen = False
+
+
+def blocked_threads(pid: int) -> str:
+    """Each thread of a process that is not yet gone: its state, wait channel, kernel stack."""
+    lines = [f"pid {pid} survived SIGKILL for {KILL_TIMEOUT:g}s"]
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = (task / "wchan").read_text().strip()
+            stack = " < ".join(
+                line.split()[-1].split("+")[0] for line in (task / "stack").read_text().splitlines()
+            )
+        except (OSError, IndexError):
+            continue
+        lines.append(f"  thread {task.name}: state {state} wchan {wchan} stack {stack}")
+    return "\n".join(lines)
 
 
 class Cluster:

@@ -197,6 +197,8 @@ def judge(
             f"{kind}: {len(gaps)} times; no commit for median {statistics.median(gaps):.1f}s, "
             f"at most {max(gaps):.1f}s"
         )
+    for node in cluster.nodes:
+        verdict.details.extend(f"{node.name}: {text}" for text in node.stuck)
     cluster.heal()
     primary = cluster.wait_elected(SETTLE_TIMEOUT)
     if primary is None:
@@ -218,7 +220,7 @@ def judge(
     if rows is None:
         verdict.details.append("the final primary's rows could not be read")
         rows = {}
-    ages: list[float] = []
+    by_fault: dict[int, list[tuple[float, Ack]]] = defaultdict(list)
     for ack in ledger.acks:
         if rows.get((ack.writer, ack.seq)) == ack.txid:
             continue
@@ -229,17 +231,14 @@ def judge(
             verdict.details.append(f"lost {ack}: no fault on {ack.node} after it")
             continue
         age, fault = found
-        ages.append(age)
-        inside = -LEASE_GRACE <= age <= ASYNC_WINDOW
-        verdict.lost_outside_window += not inside
+        by_fault[faults.index(fault)].append((age, ack))
+        verdict.lost_outside_window += not -LEASE_GRACE <= age <= ASYNC_WINDOW
+    for index, lost in sorted(by_fault.items()):
+        fault, ages = faults[index], [age for age, _ in lost]
         verdict.details.append(
-            f"lost TXID {ack.txid} acknowledged by {ack.node} {age:+.3f}s before "
-            f"{fault.kind}{'' if inside else ' (OUTSIDE the window)'}"
-        )
-    if ages:
-        verdict.details.append(
-            f"lost commits were acknowledged {min(ages):+.2f}s to {max(ages):+.2f}s before "
-            "their fault began (negative: after, while their node still held the lease)"
+            f"fault {index + 1} ({fault.kind} {fault.node or ''}) lost {len(lost)} acknowledged "
+            f"commits, TXIDs {min(a.txid for _, a in lost)}-{max(a.txid for _, a in lost)}, "
+            f"acknowledged {max(ages):.3f}s before to {-min(ages):.3f}s after it began"
         )
     brain = split_brain(ledger.acks, faults)
     verdict.split_brain_writes = len(brain)
