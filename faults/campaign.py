@@ -72,11 +72,11 @@ class Campaign:
         if kind.endswith("-primary") and leader is not None:
             node = leader
         elif kind == "kill-replica":
-            node = self.rng.choice([n for n in cluster.nodes if n is not leader])
+            node = self.rng.choice([n for n in cluster.healthy if n is not leader])
         elif leader is not None and self.rng.random() < 0.5:
             node = leader
         else:
-            node = self.rng.choice(cluster.nodes)
+            node = self.rng.choice(cluster.healthy)
         start = time.monotonic()
         {
             "kill-primary": self._kill,
@@ -90,7 +90,7 @@ class Campaign:
     def _kill(self, node: Node) -> None:
         node.kill()
         time.sleep(self.rng.uniform(0.2, TTL + 1.0))
-        node.start()
+        self._start(node)
 
     def _freeze(self, node: Node) -> None:
         node.signal(signal.SIGSTOP)
@@ -102,7 +102,11 @@ class Campaign:
         status = node.stop()
         if status != 0:
             print(f"{node.name} exited with status {status} on SIGINT", file=sys.stderr)
-        node.start()
+        self._start(node)
+
+    def _start(self, node: Node) -> None:
+        if not node.restart():
+            print(f"{node.name} {node.broken}", file=sys.stderr)
 
     def _partition(self, node: Node) -> None:
         index = self.cluster.nodes.index(node)

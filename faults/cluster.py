@@ -87,6 +87,8 @@ class Node(_node_process.NodeProcess):  # type: ignore[name-defined]
         self.process: subprocess.Popen[bytes] | None = None
         self.connection: int | None = None
         self.stuck: list[str] = []
+        self.broken: str | None = None
+        """Why the daemon could not be started again, once it could not."""
 
     def start(self, *, wait: bool = True, env: dict[str, str] | None = None) -> Node:
         with open(self.log_path, "ab") as log:
@@ -109,6 +111,18 @@ class Node(_node_process.NodeProcess):  # type: ignore[name-defined]
         if wait:
             self.wait_mounted()
         return self
+
+    def restart(self) -> bool:
+        """Start the daemon again; False (and `broken` set) if it will not come up."""
+        try:
+            self.start()
+        except RuntimeError as exc:
+            self.kill()
+            last = [line for line in str(exc).splitlines() if line.strip()][-1:]
+            self.broken = f"could not start again: {' '.join(last)}"
+            return False
+        self.broken = None
+        return True
 
     def wait_mounted(self, timeout: float = MOUNT_TIMEOUT) -> None:
         super().wait_mounted(timeout)
@@ -205,6 +219,11 @@ class Cluster:
             node.wait_mounted()
         return self
 
+    @property
+    def healthy(self) -> list[Node]:
+        """The nodes whose daemon could be started (every node, unless one broke)."""
+        return [node for node in self.nodes if node.broken is None]
+
     def primary(self) -> Node | None:
         """The one node that says it is primary, if exactly one does."""
         found = [node for node in self.nodes if node.running and not node.frozen]
@@ -213,13 +232,14 @@ class Cluster:
 
     def elected(self) -> Node | None:
         """The primary, if every node answers and follows it."""
-        answers = {node.name: node.info() for node in self.nodes}
+        nodes = self.healthy
+        answers = {node.name: node.info() for node in nodes}
         if any(answer is None for answer in answers.values()):
             return None
-        leaders = [node for node in self.nodes if answers[node.name]["role"] == "primary"]  # type: ignore[index]
+        leaders = [node for node in nodes if answers[node.name]["role"] == "primary"]  # type: ignore[index]
         if len(leaders) != 1:
             return None
-        for node in self.nodes:
+        for node in nodes:
             answer = answers[node.name]
             assert answer is not None
             if node is not leaders[0] and (
@@ -250,7 +270,7 @@ class Cluster:
         for node in self.nodes:
             if not node.running:
                 node.kill()
-                node.start()
+                node.restart()
 
     def close(self) -> None:
         for index, node in enumerate(self.nodes):

@@ -144,7 +144,7 @@ def wait_caught_up(cluster: Cluster, primary: Node) -> bool:
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while time.monotonic() < deadline:
         target = primary.position()
-        if target is not None and all(node.position() == target for node in cluster.nodes):
+        if target is not None and all(node.position() == target for node in cluster.healthy):
             return True
         time.sleep(0.2)
     return False
@@ -200,6 +200,10 @@ def judge(
     for node in cluster.nodes:
         verdict.details.extend(f"{node.name}: {text}" for text in node.stuck)
     cluster.heal()
+    for node in cluster.nodes:
+        if node.broken is not None:
+            verdict.diverged_after_heal += 1
+            verdict.details.append(f"{node.name} {node.broken}")
     primary = cluster.wait_elected(SETTLE_TIMEOUT)
     if primary is None:
         verdict.details.append("no single primary after healing")
@@ -209,7 +213,7 @@ def judge(
         verdict.details.append("not every node reached the primary's position")
     target = primary.position()
     assert target is not None
-    for node in cluster.nodes:
+    for node in cluster.healthy:
         if node.position() != target or node.committed_checksum(DB) != target[1]:
             verdict.diverged_after_heal += 1
             verdict.details.append(
