@@ -25,6 +25,8 @@ from litefs.cluster import MOUNT_TIMEOUT, STOP_TIMEOUT, abort_fuse_connection, f
 
 TTL = 2.0
 KILL_TIMEOUT = 10.0
+STOP_GRACE = 15.0
+"""A daemon that has not stopped this long after SIGINT is stuck."""
 """A SIGKILLed daemon that has not exited by then is stuck in its own mount."""
 HTTP_PORT = 20202
 DB = "app.db"
@@ -105,7 +107,7 @@ class Node(_node_process.NodeProcess):  # type: ignore[name-defined]
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})},
+                env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})},
             )
         self.frozen = False
         if wait:
@@ -137,10 +139,42 @@ class Node(_node_process.NodeProcess):  # type: ignore[name-defined]
         try:
             self.process.wait(KILL_TIMEOUT)
         except subprocess.TimeoutExpired:
-            self.stuck.append(blocked_threads(self.process.pid))
+            self.stuck.append(blocked_threads(self.process.pid, "survived SIGKILL"))
             if self.connection is not None:
                 abort_fuse_connection(self.connection)
             self.process.wait(STOP_TIMEOUT)
+        self.process = None
+
+    def stop(self, sig: int = signal.SIGINT) -> int:
+        """Signal the daemon and wait; one that hangs is described before it is killed:
+        its threads' kernel stacks, then their Python stacks (faulthandler on SIGABRT)."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self.describe_hang(
+                    f"did not stop within {STOP_GRACE:g}s of {signal.Signals(sig).name}"
+                )
+        status = self.process.returncode if self.process else -signal.SIGKILL
+        self.process = None
+        return int(status)
+
+    def describe_hang(self, what: str) -> None:
+        assert self.process is not None
+        text = blocked_threads(self.process.pid, what)
+        offset = self.log_path.stat().st_size
+        self.process.send_signal(signal.SIGABRT)
+        try:
+            self.process.wait(5.0)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        with open(self.log_path, errors="replace") as log:
+            log.seek(offset)
+            dump = log.read().splitlines()[:80]
+        self.stuck.append("\n".join([text, *("  " + line for line in dump)]))
         self.process = None
 
     @property
@@ -180,9 +214,9 @@ class Node(_node_process.NodeProcess):  # type: ignore[name-defined]
             self.frozen = False
 
 
-def blocked_threads(pid: int) -> str:
+def blocked_threads(pid: int, what: str) -> str:
     """Each thread of a process that is not yet gone: its state, wait channel, kernel stack."""
-    lines = [f"pid {pid} survived SIGKILL for {KILL_TIMEOUT:g}s"]
+    lines = [f"pid {pid} {what}"]
     for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
         try:
             state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
