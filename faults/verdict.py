@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,6 +192,13 @@ def judge(
         f"longest time without a commit: {verdict.max_unavailable_s:.1f}s from "
         f"+{gap_start - since:.1f}s, after faults {', '.join(during[-3:])}"
     )
+    reasons = Counter(
+        f"{node}: {why}"
+        for when, node, why in ledger.failures
+        if gap_start <= when <= gap_start + verdict.max_unavailable_s
+    )
+    for reason, count in reasons.most_common(5):
+        verdict.details.append(f"  {count} commits refused meanwhile by {reason}")
     for kind, gaps in sorted(unavailable_by_kind(ledger.acks, faults, until).items()):
         verdict.details.append(
             f"{kind}: {len(gaps)} times; no commit for median {statistics.median(gaps):.1f}s, "
@@ -238,11 +245,13 @@ def judge(
         by_fault[faults.index(fault)].append((age, ack))
         verdict.lost_outside_window += not -LEASE_GRACE <= age <= ASYNC_WINDOW
     for index, lost in sorted(by_fault.items()):
-        fault, ages = faults[index], [age for age, _ in lost]
+        fault, offsets = faults[index], [-age for age, _ in lost]
         verdict.details.append(
-            f"fault {index + 1} ({fault.kind} {fault.node or ''}) lost {len(lost)} acknowledged "
-            f"commits, TXIDs {min(a.txid for _, a in lost)}-{max(a.txid for _, a in lost)}, "
-            f"acknowledged {max(ages):.3f}s before to {-min(ages):.3f}s after it began"
+            f"fault {index + 1} ({fault.kind} {fault.node or ''}"
+            f"{' primary' if fault.was_primary else ''}) lost {len(lost)} acknowledged commits "
+            f"of {lost[0][1].node}, TXIDs {min(a.txid for _, a in lost)}-"
+            f"{max(a.txid for _, a in lost)}, acknowledged {min(offsets):+.3f}s to "
+            f"{max(offsets):+.3f}s from the fault's start"
         )
     brain = split_brain(ledger.acks, faults)
     verdict.split_brain_writes = len(brain)

@@ -46,6 +46,8 @@ class Ledger:
 
     acks: list[Ack] = field(default_factory=list)
     attempts: int = 0
+    failures: list[tuple[float, str, str]] = field(default_factory=list)
+    """(when, node, why) of each commit that was not acknowledged."""
     violations: list[str] = field(default_factory=list)
     checks: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -119,6 +121,9 @@ class Writer(threading.Thread):
         with self.ledger.lock:
             self.ledger.attempts += 1
         if result is None or result.returncode != 0:
+            why = "no answer within the deadline" if result is None else result.stderr.strip()
+            with self.ledger.lock:
+                self.ledger.failures.append((end, node.name, why.splitlines()[0] if why else "?"))
             return False
         try:
             txid = txid_of_position(result.stdout) + 1
