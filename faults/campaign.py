@@ -120,5 +120,8 @@ class Campaign:
         end = time.monotonic()
         settled = self.cluster.wait_elected(SETTLE_TIMEOUT) is not None
         if not settled:
+            for silent in self.cluster.healthy:
+                if silent.running and silent.info() is None:
+                    silent.describe_hang(f"did not answer /info {SETTLE_TIMEOUT:g}s after {kind}")
             self.cluster.heal()
         return Fault(kind, node, was_primary, start, end, settled)
