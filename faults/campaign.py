@@ -7,8 +7,10 @@ the fault that ended its primary's tenure.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -116,12 +118,25 @@ class Campaign:
         self.cluster.bridge.heal(index)
         node.cut = False
 
+    def _diagnose(self, node: Node, kind: str) -> None:
+        """A node that stopped answering: does one request to its mount wake it up?
+        If not, record its stacks; either way heal() restarts or keeps it."""
+        what = f"did not answer /info {SETTLE_TIMEOUT:g}s after {kind}"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            probe = node.mount_dir / f"probe-{self.rng.randrange(1 << 30)}"
+            subprocess.run(["stat", str(probe)], capture_output=True, timeout=5)
+        time.sleep(1.0)
+        if node.info() is not None:
+            node.stuck.append(f"{what}, until a process made a request to its mount")
+        else:
+            node.describe_hang(what)
+
     def _settle(self, kind: str, node: str | None, was_primary: bool, start: float) -> Fault:
         end = time.monotonic()
         settled = self.cluster.wait_elected(SETTLE_TIMEOUT) is not None
         if not settled:
             for silent in self.cluster.healthy:
                 if silent.running and silent.info() is None:
-                    silent.describe_hang(f"did not answer /info {SETTLE_TIMEOUT:g}s after {kind}")
+                    self._diagnose(silent, kind)
             self.cluster.heal()
         return Fault(kind, node, was_primary, start, end, settled)
