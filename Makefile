@@ -1,6 +1,8 @@
 # make run   installs everything and starts a two-node LiteFS cluster on this machine
 # make test  installs everything and runs lint, type checks and the whole test suite
 # make bench runs the benchmark suite (prints ratios against a plain directory)
+# make faults injects FAULTS random faults (default 1000) into a three-node etcd
+#   cluster and prints one summary line (docs/operations.md, "Failure behaviour")
 # make sqlite-tests builds SQLite's testfixture and runs its TCL tests in a mount
 #   (docs/sqlite-tests.md; SQLITE_TESTS_ARGS="pager1 wal" picks files)
 
@@ -9,7 +11,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck pytest bench sqlite-tests clean
+.PHONY: install run test lint typecheck pytest bench faults sqlite-tests clean
 
 install: $(STAMP)
 
@@ -24,8 +26,8 @@ run: install
 	$(PY) -m litefs.cluster
 
 lint: install
-	$(VENV)/bin/ruff check litefs tests bench
-	$(VENV)/bin/ruff format --check litefs tests bench
+	$(VENV)/bin/ruff check litefs tests bench faults
+	$(VENV)/bin/ruff format --check litefs tests bench faults
 
 typecheck: install
 	$(VENV)/bin/mypy
@@ -37,6 +39,11 @@ test: lint typecheck pytest
 
 bench: install
 	$(PY) -m bench
+
+FAULTS ?= 1000
+
+faults: install
+	$(PY) -m faults -faults $(FAULTS)
 
 sqlite-tests: install
 	scripts/sqlite-tests $(SQLITE_TESTS_ARGS)
