@@ -21,7 +21,8 @@ from types import ModuleType
 from typing import Any
 
 from faults.network import Bridge
-from litefs.cluster import MOUNT_TIMEOUT, STOP_TIMEOUT, abort_fuse_connection, fuse_connection
+from litefs.cluster import MOUNT_TIMEOUT, STOP_TIMEOUT
+from litefs.mountpoint import abort_connection, fuse_connection
 
 TTL = 2.0
 KILL_TIMEOUT = 10.0
@@ -141,7 +142,7 @@ class Node(_node_process.NodeProcess):  # type: ignore[name-defined]
         except subprocess.TimeoutExpired:
             self.stuck.append(blocked_threads(self.process.pid, "survived SIGKILL"))
             if self.connection is not None:
-                abort_fuse_connection(self.connection)
+                abort_connection(self.connection)
             self.process.wait(STOP_TIMEOUT)
         self.process = None
 
