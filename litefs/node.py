@@ -502,7 +502,7 @@ class Services:
                     log.error("lost the lease: %s; stepping down", exc)
                     return
                 except (LeaseError, TimeoutError) as exc:
-                    log.warning("lease renewal failed: %s; retrying", exc or "timed out")
+                    log.warning("lease renewal failed: %s; retrying", str(exc) or "timed out")
                     wait = min(lease.renew_interval, 0.5)
                     continue
                 store.commit_deadline = lease.deadline - margin
