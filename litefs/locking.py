@@ -36,19 +36,6 @@ def _lock(fd: int, kind: int, start: int, length: int) -> None:
     fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(kind, os.SEEK_SET, start, length, 0))
 
 
-def _lock_each(fd: int, start: int, length: int) -> None:
-    """Write-lock every byte of a range, one byte at a time.
-
-    POSIX locks have no queue: a waiter for the whole range gets it only at
-    an instant when no byte of it is held, which readers looping over read
-    transactions may never leave. A read mark taken here is one readers no
-    longer try, so they crowd onto the others until each has been free once,
-    and then back off (SQLite retries a busy read lock after a pause).
-    """
-    for offset in range(start, start + length):
-        _lock(fd, fcntl.F_WRLCK, offset, 1)
-
-
 class DatabaseLock:
     """SQLite's locks on one database, through one long-lived descriptor."""
 
@@ -103,7 +90,7 @@ class DatabaseLock:
                     shm = -1
                 try:
                     if shm >= 0:
-                        _lock_each(shm, WAL_LOCKS_FIRST, WAL_LOCKS_SIZE)
+                        _lock(shm, fcntl.F_WRLCK, WAL_LOCKS_FIRST, WAL_LOCKS_SIZE)
                     yield shm
                 finally:
                     if shm >= 0:
