@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -112,3 +113,52 @@ class Leaser(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release client resources; does not release a held lease."""
+
+
+class FailureRun:
+    """A run of failures of one repeating activity (a watch reconnecting),
+    logged once when it starts, then at most every `interval` seconds, and
+    once more when it ends: a dead backend must not bury the log."""
+
+    def __init__(self, log: logging.Logger, activity: str, interval: float) -> None:
+        self.log = log
+        self.activity = activity
+        self.interval = interval
+        self.count = 0
+        self.since = 0.0
+        self.logged_at = -float("inf")
+
+    def failed(self, exc: BaseException, retry_in: float) -> None:
+        now = time.monotonic()
+        self.count += 1
+        if self.count == 1:
+            self.since = self.logged_at = now
+            self.log.warning("%s failed: %s; retrying in %.2fs", self.activity, exc, retry_in)
+        elif now - self.logged_at >= self.interval:
+            self.logged_at = now
+            self.log.warning(
+                "%s still failing: %d attempts over %.0fs; last error: %s",
+                self.activity,
+                self.count,
+                now - self.since,
+                exc,
+            )
+        else:
+            self.log.debug("%s still failing: %s", self.activity, exc)
+
+    def note(self, message: str) -> None:
+        """Something odd but not a failure, logged at the same pace."""
+        now = time.monotonic()
+        if now - self.logged_at >= self.interval:
+            self.logged_at = now
+            self.log.warning("%s: %s", self.activity, message)
+
+    def recovered(self) -> None:
+        if self.count:
+            self.log.info(
+                "%s recovered after %d failed attempts over %.1fs",
+                self.activity,
+                self.count,
+                time.monotonic() - self.since,
+            )
+            self.count = 0

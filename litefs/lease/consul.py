@@ -20,7 +20,6 @@ import asyncio
 import base64
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -31,7 +30,15 @@ from typing import Any
 
 import aiohttp
 
-from litefs.lease import Lease, LeaseError, LeaseLost, Leaser, PrimaryExists, PrimaryInfo
+from litefs.lease import (
+    FailureRun,
+    Lease,
+    LeaseError,
+    LeaseLost,
+    Leaser,
+    PrimaryExists,
+    PrimaryInfo,
+)
 
 log = logging.getLogger("litefs.lease.consul")
 
@@ -150,7 +157,7 @@ class ConsulLeaser(Leaser):
         Errors never end the watch: it retries with jittered exponential backoff
         and logs the first failure, then a reminder every FAILURE_LOG_INTERVAL.
         """
-        failures = _FailureLog(f"watching {self.url}{self._kv_path}")
+        failures = FailureRun(log, f"watching {self.url}{self._kv_path}", FAILURE_LOG_INTERVAL)
         index = 0
         backoff = BACKOFF_MIN
         last: PrimaryInfo | None = None
@@ -169,7 +176,7 @@ class ConsulLeaser(Leaser):
             try:
                 current = _holder(entry)
             except LeaseError as exc:
-                failures.malformed(exc)
+                failures.note(f"treating the lease as unheld: {exc}")
                 current = None
             next_index = 0 if new_index < index else max(new_index, 1)
             early = time.monotonic() - sent < self.watch_wait / 2
@@ -381,46 +388,3 @@ def _holder(entry: Mapping[str, Any] | None) -> PrimaryInfo | None:
 
 def _jitter(delay: float) -> float:
     return delay * random.uniform(0.5, 1.0)
-
-
-class _FailureLog:
-    """Logs a run of failures once at its start, then at most every FAILURE_LOG_INTERVAL."""
-
-    def __init__(self, activity: str) -> None:
-        self.activity = activity
-        self.count = 0
-        self.since = 0.0
-        self.logged_at = -math.inf
-
-    def failed(self, exc: Exception, retry_in: float) -> None:
-        now = time.monotonic()
-        self.count += 1
-        if self.count == 1:
-            self.since = now
-            self.logged_at = now
-            log.warning("%s failed: %s; retrying in %.2fs", self.activity, exc, retry_in)
-        elif now - self.logged_at >= FAILURE_LOG_INTERVAL:
-            self.logged_at = now
-            log.warning(
-                "%s still failing: %d attempts over %.0fs; last error: %s",
-                self.activity,
-                self.count,
-                now - self.since,
-                exc,
-            )
-
-    def malformed(self, exc: Exception) -> None:
-        now = time.monotonic()
-        if now - self.logged_at >= FAILURE_LOG_INTERVAL:
-            self.logged_at = now
-            log.warning("%s: treating the lease as unheld: %s", self.activity, exc)
-
-    def recovered(self) -> None:
-        if self.count:
-            log.info(
-                "%s recovered after %d failed attempts over %.1fs",
-                self.activity,
-                self.count,
-                time.monotonic() - self.since,
-            )
-            self.count = 0

@@ -22,7 +22,15 @@ from typing import Any
 
 import aiohttp
 
-from litefs.lease import Lease, LeaseError, LeaseLost, Leaser, PrimaryExists, PrimaryInfo
+from litefs.lease import (
+    FailureRun,
+    Lease,
+    LeaseError,
+    LeaseLost,
+    Leaser,
+    PrimaryExists,
+    PrimaryInfo,
+)
 
 log = logging.getLogger("litefs.lease.etcd")
 
@@ -64,48 +72,6 @@ class _Unanswered(Exception):
 
 class _IdleStream(Exception):
     """A stream stayed quiet so long that its connection may be silently dead."""
-
-
-class _RateLimitedLog:
-    """Logs a repeating failure once, then at most every LOG_REPEAT_INTERVAL seconds.
-
-    A dead etcd makes every watch reconnect fail; one line per attempt would
-    bury everything else in the log.
-    """
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.failures = 0
-        self.first_failure = 0.0
-        self.last_logged = 0.0
-
-    def failed(self, error: BaseException, retry_in: float) -> None:
-        now = time.monotonic()
-        self.failures += 1
-        if self.failures == 1:
-            self.first_failure = self.last_logged = now
-            log.warning("%s interrupted: %s; retrying in %.1f s", self.what, error, retry_in)
-        elif now - self.last_logged >= LOG_REPEAT_INTERVAL:
-            self.last_logged = now
-            log.warning(
-                "%s still interrupted after %d attempts over %.0f s: %s",
-                self.what,
-                self.failures,
-                now - self.first_failure,
-                error,
-            )
-        else:
-            log.debug("%s still interrupted: %s", self.what, error)
-
-    def succeeded(self) -> None:
-        if self.failures:
-            log.info(
-                "%s recovered after %.1f s (%d failed attempts)",
-                self.what,
-                time.monotonic() - self.first_failure,
-                self.failures,
-            )
-        self.failures = 0
 
 
 def _b64(raw: bytes) -> str:
@@ -535,7 +501,7 @@ class EtcdLeaser(Leaser):
         Only changes are yielded: a rewrite of the same value, or the same
         state seen again after a reconnect, is not repeated.
         """
-        failures = _RateLimitedLog(f"etcd watch on {self.key!r}")
+        failures = FailureRun(log, f"etcd watch on {self.key!r}", LOG_REPEAT_INTERVAL)
         backoff = WATCH_BACKOFF_MIN
         unset = object()
         last: object = unset
@@ -545,7 +511,7 @@ class EtcdLeaser(Leaser):
                 if revision is None:
                     kv, revision = await self.range_key()
                     info = self._watched_info(kv)
-                    failures.succeeded()
+                    failures.recovered()
                     if info != last:
                         last = info
                         yield info
@@ -556,7 +522,7 @@ class EtcdLeaser(Leaser):
                 async with aclosing(stream) as results:
                     async for result in results:
                         if result.get("created"):
-                            failures.succeeded()
+                            failures.recovered()
                             backoff = WATCH_BACKOFF_MIN
                             continue
                         if int(result.get("compact_revision", 0)):
