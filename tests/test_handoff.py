@@ -188,6 +188,7 @@ def test_transaction_open_across_a_handoff_is_refused_and_leaves_no_trace(
     finally:
         conn.close()
 
+    wait_for(lambda: role(new) == "primary")
     new.sqlite("my.db", "INSERT INTO t VALUES ('after');")
     wait_for(
         lambda: (

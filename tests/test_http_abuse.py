@@ -298,3 +298,33 @@ def test_with_a_token_only_requests_carrying_it_may_stream_or_hand_off(
     environment[AUTH_TOKEN_ENV] = TOKEN
     let_in = subprocess.run(command, capture_output=True, text=True, timeout=60, env=environment)
     assert "handoff refused (409): this lease cannot be handed off" in let_in.stderr
+
+
+def test_a_stop_does_not_hold_the_lease_for_a_stream_that_takes_no_bytes(
+    start_node: StartNode,
+) -> None:
+    """A replica cut off mid-stream (its stream stalled, so it hears no END)
+    must not keep the lease held while the replicas that got everything
+    wait: one of them could lose the race for it to the lagging one. The
+    write timeout (30 s by default) is longer than a stop waits (10 s)."""
+    primary = start_node("primary")
+    replica = start_node("replica", candidate=False, primary=primary)
+    primary.sqlite(
+        DB,
+        "CREATE TABLE big (b); INSERT INTO big SELECT randomblob(4000) FROM "
+        "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 4000) "
+        "SELECT i FROM n);",
+    )
+    wait_caught_up(primary, replica, DB)
+    sloth = connect(primary, receive_buffer=4096)
+    try:
+        sloth.sendall(stream_request(primary, "sloth"))
+        assert b" 200 " in sloth.recv(64)
+        time.sleep(0.5)  # its snapshot fills the buffers; the sender waits
+        started = time.monotonic()
+        assert primary.stop() == 0
+        took = time.monotonic() - started
+    finally:
+        sloth.close()
+    assert took < 8.0, f"the stop took {took:.1f}s"  # 15 s when it waited for the stream
+    assert "primary ended the stream" in replica.log()

@@ -20,6 +20,7 @@ import contextlib
 import hmac
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -41,6 +42,11 @@ log = logging.getLogger("litefs.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UPLOAD_CHUNK = 1 << 20
+STALLED_AFTER = 1.0
+"""Seconds a write to a replica may wait before a stop stops waiting for it."""
+SHUTDOWN_TIMEOUT = 3.0
+"""Seconds requests still under way get when the server stops: streams were
+drained before, and a stalled one must not hold the node's exit."""
 SEND_SLICE = 64 << 10
 """Bytes of a file handed to a connection at a time; a file that fits is
 sent, with its frame and end marker, in one write."""
@@ -115,7 +121,9 @@ class Server:
         self.app.router.add_post(path, handler)
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = runner = web.AppRunner(self.app, handle_signals=False)
+        self._runner = runner = web.AppRunner(
+            self.app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+        )
         await runner.setup()
         assert runner.server is not None
         manager = runner.server
@@ -315,9 +323,17 @@ class Server:
 
     async def drain(self, timeout: float) -> None:
         """Wait (a while) for every stream to end once this node stopped being
-        the primary: each sends its replica what was committed, then END."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self.sessions and asyncio.get_running_loop().time() < deadline:
+        the primary: each sends its replica what was committed, then END.
+
+        Streams whose replica has taken no bytes for STALLED_AFTER are not
+        waited for: holding the lease for them would let the replicas that
+        did get everything wait too, and a lagging replica whose stream
+        stalled (a partition) could then be the one to take the lease."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.sessions and loop.time() < deadline:
+            if all(session.stalled(STALLED_AFTER) for session in self.sessions.values()):
+                return
             await asyncio.sleep(0.005)
 
     # -- the stream ---------------------------------------------------------
@@ -395,6 +411,7 @@ class StreamSession:
         self.store = store
         self.response = response
         self.write_timeout = write_timeout
+        self._writing_since: float | None = None
         self.sent = dict(positions)
         self.metrics = metrics
         self._pending: set[str] = set(positions) | {db.name for db in store.databases()}
@@ -406,10 +423,17 @@ class StreamSession:
     async def write(self, data: bytes) -> None:
         """Hand bytes to the connection, waiting while its buffer is full,
         but not longer than the write timeout."""
+        self._writing_since = time.monotonic()
         try:
             await asyncio.wait_for(self.response.write(data), self.write_timeout)
         except TimeoutError:
             raise StreamStalled(f"it took no bytes for {self.write_timeout:g}s") from None
+        self._writing_since = None
+
+    def stalled(self, seconds: float) -> bool:
+        """Whether a write to this replica has been waiting that long."""
+        since = self._writing_since
+        return since is not None and time.monotonic() - since >= seconds
 
     async def caught_up(self) -> None:
         """Return once the replica has every transaction this node has."""
