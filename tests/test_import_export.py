@@ -12,28 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import litefs_cli
 from node_process import NodeProcess
-from waiting import wait_for
+from test_replication import position, wait_caught_up
 
 from litefs import ltx
 
 pytestmark = pytest.mark.fuse
-
-CATCH_UP = 60.0
-
-
-def position(node: NodeProcess, db: str) -> str:
-    try:
-        return (node.mount_dir / f"{db}-pos").read_text().strip()
-    except OSError:
-        return ""
-
-
-def wait_caught_up(primary: NodeProcess, replica: NodeProcess, db: str) -> None:
-    wait_for(
-        lambda: position(replica, db) == position(primary, db) != "",
-        CATCH_UP,
-        f"{replica.name} to catch up on {db}",
-    )
 
 
 def make_database(path: Path, rows: int, *, value: str = "v", page_size: int = 4096) -> Path:

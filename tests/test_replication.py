@@ -28,7 +28,11 @@ def position(node: NodeProcess, db: str) -> str:
 
 
 def wait_caught_up(primary: NodeProcess, replica: NodeProcess, db: str) -> None:
-    wait_for(lambda: position(replica, db) == position(primary, db) != "", timeout=CATCH_UP_TIMEOUT)
+    wait_for(
+        lambda: position(replica, db) == position(primary, db) != "",
+        CATCH_UP_TIMEOUT,
+        f"{replica.name} to catch up on {db}",
+    )
 
 
 def assert_identical(primary: NodeProcess, replica: NodeProcess, db: str) -> None:
