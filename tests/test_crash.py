@@ -26,6 +26,29 @@ pytestmark = pytest.mark.fuse
 ROLLED_BACK = {"before-ltx", "mid-ltx"}
 
 
+def insert_until(
+    path: Path,
+    first_id: int,
+    blob_size: int,
+    stop: threading.Event,
+    done: list[int],
+    synchronous: str | None = None,
+) -> None:
+    """Autocommit rows `first_id`, `first_id + 1`, ... until `stop` is set or
+    the daemon dies under the writer; `done` gets every acknowledged id."""
+    i = first_id
+    try:
+        conn = sqlite3.connect(path, timeout=5, isolation_level=None)
+        if synchronous is not None:
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+        while not stop.is_set():
+            conn.execute("INSERT INTO t VALUES (?, randomblob(?))", (i, blob_size))
+            done.append(i)
+            i += 1
+    except sqlite3.Error:
+        pass
+
+
 def assert_consistent(node: NodeProcess, db: str, tmp_path: Path) -> None:
     result = node.sqlite(db, "PRAGMA integrity_check;")
     assert result.stdout.strip() == "ok"
@@ -78,19 +101,11 @@ def test_repeated_kill_9_under_write_load(
         stop = threading.Event()
         done: list[int] = []
         first_id = 1_000_000 * (round_number + 1)
-
-        def write(stop: threading.Event = stop, done: list[int] = done, i: int = first_id) -> None:
-            try:
-                conn = sqlite3.connect(node.mount_dir / "my.db", timeout=5, isolation_level=None)
-                conn.execute("PRAGMA synchronous=NORMAL")
-                while not stop.is_set():
-                    conn.execute("INSERT INTO t VALUES (?, randomblob(200))", (i,))
-                    done.append(i)
-                    i += 1
-            except sqlite3.Error:
-                pass
-
-        writer = threading.Thread(target=write)
+        writer = threading.Thread(
+            target=insert_until,
+            args=(node.mount_dir / "my.db", first_id, 200, stop, done),
+            kwargs={"synchronous": "NORMAL"},
+        )
         writer.start()
         time.sleep(rng.uniform(0.3, 1.0))
         node.kill()

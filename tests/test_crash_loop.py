@@ -13,7 +13,6 @@ from __future__ import annotations
 import array
 import os
 import random
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import StartNode
 from node_process import NodeProcess
+from test_crash import insert_until
 from test_primary import assert_history_rebuilds, position_of
 from test_replication import wait_caught_up
 
@@ -123,18 +123,9 @@ def test_kill_9_at_random_while_committing_and_applying(
         stop = threading.Event()
         done: list[int] = []
         first = 1_000_000 * (round_number + 1)
-
-        def write(stop: threading.Event = stop, done: list[int] = done, i: int = first) -> None:
-            try:
-                conn = sqlite3.connect(primary.mount_dir / DB, timeout=5, isolation_level=None)
-                while not stop.is_set():
-                    conn.execute("INSERT INTO t VALUES (?, randomblob(2000))", (i,))
-                    done.append(i)
-                    i += 1
-            except sqlite3.Error:
-                pass
-
-        writer = threading.Thread(target=write)
+        writer = threading.Thread(
+            target=insert_until, args=(primary.mount_dir / DB, first, 2000, stop, done)
+        )
         writer.start()
         time.sleep(rng.uniform(0.2, 0.8))
         victim = rng.choice([primary, replica])
