@@ -102,6 +102,17 @@ def stream_request(node: NodeProcess, name: str) -> bytes:
     ).encode() + body
 
 
+def add_big_table(primary: NodeProcess) -> None:
+    """About 16 MB: a stream's snapshot of it is far more than the kernel
+    buffers for a connection that never reads."""
+    primary.sqlite(
+        DB,
+        "CREATE TABLE big (b); INSERT INTO big SELECT randomblob(4000) FROM "
+        "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 4000) "
+        "SELECT i FROM n);",
+    )
+
+
 def rss_kib(node: NodeProcess) -> int:
     for line in Path(f"/proc/{node.pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -195,12 +206,7 @@ def test_streams_that_never_read_are_capped_bounded_in_memory_and_dropped(
     """The replica's own stream holds one of the slots; each stream's file
     is far larger than what the kernel buffers, so the sender stalls."""
     primary, replica = pair
-    primary.sqlite(
-        DB,
-        "CREATE TABLE big (b); INSERT INTO big SELECT randomblob(4000) FROM "
-        "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 4000) "
-        "SELECT i FROM n);",
-    )
+    add_big_table(primary)
     wait_caught_up(primary, replica, DB)
     before = rss_kib(primary)
     streams = [connect(primary, receive_buffer=4096) for _ in range(12)]
@@ -309,12 +315,7 @@ def test_a_stop_does_not_hold_the_lease_for_a_stream_that_takes_no_bytes(
     write timeout (30 s by default) is longer than a stop waits (10 s)."""
     primary = start_node("primary")
     replica = start_node("replica", candidate=False, primary=primary)
-    primary.sqlite(
-        DB,
-        "CREATE TABLE big (b); INSERT INTO big SELECT randomblob(4000) FROM "
-        "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 4000) "
-        "SELECT i FROM n);",
-    )
+    add_big_table(primary)
     wait_caught_up(primary, replica, DB)
     sloth = connect(primary, receive_buffer=4096)
     try:
