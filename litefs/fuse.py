@@ -782,17 +782,13 @@ class FileSystem(pyfuse3.Operations):
         and takes none from the daemon; storing the file's last bytes into
         its cache is what tells it the file grew. (A file that shrank keeps
         its old size there: SQLite reads the page count from the header.)"""
-        try:
-            fd = os.open(self._backing(node), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        db = self.store.database(node.db_name)
+        if db is None or db.fd < 0:
             return
-        try:
-            size = os.fstat(fd).st_size
-            if size:
-                start = (size - 1) // CACHE_PAGE_SIZE * CACHE_PAGE_SIZE
-                _quietly(pyfuse3.notify_store, node.ino, start, os.pread(fd, size - start, start))
-        finally:
-            os.close(fd)
+        size = os.fstat(db.fd).st_size
+        if size:
+            start = (size - 1) // CACHE_PAGE_SIZE * CACHE_PAGE_SIZE
+            _quietly(pyfuse3.notify_store, node.ino, start, os.pread(db.fd, size - start, start))
 
     def database_created(self, name: str) -> None:
         self._invalidate_names(name)
