@@ -15,7 +15,6 @@ word: validating a page costs microseconds.
 
 from __future__ import annotations
 
-import os
 import struct
 import sys
 from dataclasses import dataclass
@@ -106,6 +105,57 @@ def checksum(
     m = _power(len(data) // 8)
     a, b = start
     return ((m[0] * a + m[1] * b + s1) & _MASK, (m[1] * a + m[2] * b + s2) & _MASK)
+
+
+def encode_header(page_size: int, checkpoint_seq: int, salt: bytes) -> WalHeader:
+    """A new log generation's header, checksummed in this machine's byte
+    order, as SQLite writes it."""
+    magic = MAGIC_BIG if sys.byteorder == "big" else MAGIC_LITTLE
+    body = struct.pack(">IIII", magic, FORMAT_VERSION, page_size, checkpoint_seq) + salt
+    c1, c2 = checksum(magic == MAGIC_BIG, body)
+    return parse_header(body + struct.pack(">II", c1, c2))
+
+
+def header_bytes(header: WalHeader) -> bytes:
+    return _HEADER.pack(
+        header.magic,
+        FORMAT_VERSION,
+        header.page_size,
+        header.checkpoint_seq,
+        header.salt1,
+        header.salt2,
+        *header.checksum,
+    )
+
+
+def encode_frames(
+    header: WalHeader, start: tuple[int, int], pages: list[tuple[int, bytes]], commit: int
+) -> tuple[bytes, tuple[int, int]]:
+    """Frames holding `pages` as one transaction after a frame whose
+    cumulative checksum is `start`: the last frame carries `commit`, the
+    database size after it. Returns the bytes and the final checksum."""
+    heads = [
+        _FRAME_HEADER.pack(
+            pgno, commit if i == len(pages) - 1 else 0, header.salt1, header.salt2, 0, 0
+        )
+        for i, (pgno, _data) in enumerate(pages)
+    ]
+    pieces: list[bytes | memoryview] = []
+    for head, (_pgno, data) in zip(heads, pages, strict=True):
+        pieces.append(head[:8])
+        pieces.append(data)
+    words = (8 + header.page_size) // 8
+    m = _power(words)
+    a, b = start
+    out = bytearray()
+    for head, (_pgno, data), (p1, p2) in zip(
+        heads, pages, _contribution(header.big_endian, pieces, words), strict=True
+    ):
+        a, b = (m[0] * a + m[1] * b + p1) & _MASK, (m[1] * a + m[2] * b + p2) & _MASK
+        out += head[:16]
+        out += struct.pack(">II", a, b)
+        out += data
+    return bytes(out), (a, b)
 
 
 class FrameChain:
@@ -217,54 +267,3 @@ def _contribution(
     s1 = (first * p + second * q).sum(axis=1, dtype=np.uint64) & np.uint64(_MASK)
     s2 = (first * q + second * r).sum(axis=1, dtype=np.uint64) & np.uint64(_MASK)
     return list(zip(s1.tolist(), s2.tolist(), strict=True))
-
-
-INDEX_HEADER_SIZE = 48
-INDEX_INFO_SIZE = 136
-"""Two copies of the wal-index header, then the checkpoint information."""
-READMARK_NOT_USED = 0xFFFFFFFF
-_INDEX_HEADER = struct.Struct("=IIIBBHIIII4s4s")
-_INDEX_INFO = struct.Struct("=IIIIII8sII")
-
-
-def reset_index(old: bytes, page_count: int) -> bytes | None:
-    """The wal-index (the start of `-shm`) for a log emptied behind SQLite's
-    back, with every other field that readers compare changed, so that each
-    connection drops its page cache at its next read transaction and reads
-    the database file alone. None when `old` holds no initialised index
-    (readers will then rebuild it themselves).
-
-    The index is in native byte order and checksummed natively, as SQLite
-    keeps it.
-    """
-    if len(old) < INDEX_INFO_SIZE:
-        return None
-    first = old[:INDEX_HEADER_SIZE]
-    if first != old[INDEX_HEADER_SIZE : 2 * INDEX_HEADER_SIZE]:
-        return None
-    (version, unused, change, is_init, big_end, page_size, _mx, _n, fc1, fc2, salt1, salt2) = (
-        _INDEX_HEADER.unpack_from(first)[:12]
-    )
-    if version != FORMAT_VERSION or not is_init:
-        return None
-    salt1 = ((int.from_bytes(salt1, "big") + 1) & _MASK).to_bytes(4, "big")
-    salt2 = os.urandom(4)
-    body = _INDEX_HEADER.pack(
-        version,
-        unused,
-        (change + 1) & _MASK,
-        1,
-        big_end,
-        page_size,
-        0,
-        page_count,
-        fc1,
-        fc2,
-        salt1,
-        salt2,
-    )
-    c1, c2 = checksum(sys.byteorder == "big", body)
-    header = body + struct.pack("=II", c1, c2)
-    locks = old[2 * INDEX_HEADER_SIZE + 24 : 2 * INDEX_HEADER_SIZE + 32]
-    info = _INDEX_INFO.pack(0, 0, *([READMARK_NOT_USED] * 4), locks, 0, 0)
-    return header + header + info
