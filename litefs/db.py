@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
-from litefs import clean_stop, ltx
+from litefs import clean_stop, ltx, walapply
 from litefs.capture import NO_CRASH, CrashPoints, Sync, WouldBlock, read_page_at
 from litefs.capture.rollback import RollbackJournal, journal_is_hot
 from litefs.capture.wal import SharedMemory, WriteAheadLog
@@ -713,6 +713,7 @@ class Database:
         """
         name = self.applying_path.read_text().strip()
         path = self.ltx_dir / name
+        self.wal.fold_into_database()
         if path.exists():
             with open(path, "rb") as f:
                 decoder = ltx.Decoder(f)
@@ -869,7 +870,10 @@ class Database:
         return position
 
     def apply_ltx(
-        self, path: Path, write_lock: contextlib.AbstractContextManager[None]
+        self,
+        path: Path,
+        write_lock: contextlib.AbstractContextManager[None],
+        wal_writer: contextlib.AbstractContextManager[int] | None = None,
     ) -> Position:
         """Apply a received LTX file, checked in full before any page is written.
 
@@ -878,7 +882,9 @@ class Database:
         enters the history before the first page is written, with a marker,
         so `recover` can finish an apply a crash interrupted; pages are
         written under `write_lock` (SQLite's EXCLUSIVE lock through the
-        mount) so readers never see part of it.
+        mount) so readers never see part of it. In WAL mode, `wal_writer`
+        (the WAL write lock, yielding the wal-index) lets the transaction be
+        appended to the log instead, where readers need not be kept out.
         """
         with self.lock, open(path, "rb") as f:
             checked = ltx.check_apply(f, self.fd, checksums=self._checksums)
@@ -898,9 +904,10 @@ class Database:
                     if old != final:
                         old.unlink(missing_ok=True)
             os.rename(self._next_applying_path, self.applying_path)
-            with write_lock:
-                self._discard_unfinished_transaction()
-                ltx.write_pages(f, self.fd, checked, sync=False)
+            if wal_writer is None or not self._append_to_wal(f, header, wal_writer):
+                with write_lock:
+                    self._discard_unfinished_transaction()
+                    ltx.write_pages(f, self.fd, checked, sync=False)
             self.applying_path.unlink()
             assert checked.checksums is not None
             self._checksums = checked.checksums
@@ -910,6 +917,38 @@ class Database:
             self.wal_mode = _is_wal_header(os.pread(self.fd, 100, 0))
             self.position = Position(header.max_txid, checked.trailer.post_apply_checksum)
             return self.position
+
+    def _append_to_wal(
+        self,
+        f: BinaryIO,
+        header: ltx.Header,
+        wal_writer: contextlib.AbstractContextManager[int],
+    ) -> bool:
+        """Apply a transaction as frames of the log (`walapply`), when it
+        neither starts a new history nor leaves WAL mode; False if it
+        was not (nothing changed)."""
+        if not self.wal_mode or header.is_snapshot or header.page_size != self.page_size:
+            return False
+        if self.journal.active or self.journal.is_hot():
+            return False
+        f.seek(0)
+        pages: list[tuple[int, bytes]] = []
+        for page in ltx.Decoder(f).pages():
+            if len(pages) == walapply.MAX_PAGES:
+                return False
+            pages.append(page)
+        if pages and pages[0][0] == 1 and not _is_wal_header(pages[0][1]):
+            return False
+        with wal_writer as shm:
+            return shm >= 0 and walapply.append(self.wal, shm, pages, header.commit)
+
+    def backfill(self, shm: int, copied: Callable[[], None], *, force: bool = False) -> int:
+        """Copy frames a replica appended into the database file, as far as
+        readers allow (`walapply.backfill`)."""
+        with self.lock:
+            if not self.wal_mode or self.wal.chain is None:
+                return 0
+            return walapply.backfill(self.wal, shm, self.fd, copied, force=force)
 
     @property
     def _next_applying_path(self) -> Path:

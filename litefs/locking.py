@@ -12,6 +12,7 @@ them, and all waiting happens in worker threads, never on an event loop.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import struct
@@ -28,12 +29,35 @@ WAL_LOCKS_FIRST = 120
 WAL_LOCKS_SIZE = 8
 """The `-shm` bytes SQLite locks in WAL mode: write, checkpoint, recover and
 the five read marks."""
+WAL_WRITE_LOCK = WAL_LOCKS_FIRST
+WAL_CHECKPOINT_LOCK = WAL_LOCKS_FIRST + 1
+WAL_READ_LOCK_0 = WAL_LOCKS_FIRST + 3
+WAL_DMS_LOCK = WAL_LOCKS_FIRST + WAL_LOCKS_SIZE
+"""Held shared by every process that has `-shm` open; the first to open it
+(the one that gets it exclusively) empties it."""
 
 _FLOCK = struct.Struct("@hhqqi4x")
 
 
 def _lock(fd: int, kind: int, start: int, length: int) -> None:
     fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(kind, os.SEEK_SET, start, length, 0))
+
+
+def try_lock(fd: int, start: int, length: int = 1) -> bool:
+    """Take a write lock only if no one holds any part of it."""
+    try:
+        fcntl.fcntl(
+            fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+        )
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def unlock(fd: int, start: int, length: int = 1) -> None:
+    _lock(fd, fcntl.F_UNLCK, start, length)
 
 
 class DatabaseLock:
@@ -43,6 +67,7 @@ class DatabaseLock:
         self.path = path
         self.shm_path = path.with_name(path.name + "-shm")
         self._fd = -1
+        self._shm = -1
         self._mutex = threading.Lock()
 
     def _descriptor(self) -> int:
@@ -99,6 +124,41 @@ class DatabaseLock:
                 _lock(fd, fcntl.F_UNLCK, PENDING_BYTE, 1)
 
     @contextlib.contextmanager
+    def wal_writer(self) -> Iterator[int]:
+        """Hold SQLite's WAL write lock, which readers never take; yields a
+        descriptor of `-shm` through the mount, or -1 if none exists.
+
+        The descriptor stays open and holds the shared lock every connection
+        holds, so no reader ever takes the index for abandoned and empties it
+        under the writer. Taking that lock first, like SQLite, empties it.
+        """
+        with self._mutex:
+            shm = self._shared_memory()
+            if shm < 0:
+                yield -1
+                return
+            _lock(shm, fcntl.F_WRLCK, WAL_WRITE_LOCK, 1)
+            try:
+                yield shm
+            finally:
+                _lock(shm, fcntl.F_UNLCK, WAL_WRITE_LOCK, 1)
+
+    def _shared_memory(self) -> int:
+        if self._shm >= 0 and os.fstat(self._shm).st_nlink == 0:
+            os.close(self._shm)  # removed while this node was primary
+            self._shm = -1
+        if self._shm < 0:
+            try:
+                shm = os.open(self.shm_path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return -1
+            if try_lock(shm, WAL_DMS_LOCK):
+                os.ftruncate(shm, 0)
+            _lock(shm, fcntl.F_RDLCK, WAL_DMS_LOCK, 1)
+            self._shm = shm
+        return self._shm
+
+    @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
         """Hold SQLite's SHARED lock: no writer can be changing the file."""
         with self._mutex:
@@ -123,6 +183,9 @@ class DatabaseLock:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+            if self._shm >= 0:
+                os.close(self._shm)
+                self._shm = -1
         finally:
             self._mutex.release()
 

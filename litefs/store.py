@@ -21,7 +21,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
-from litefs import ltx, sqlitefile, walfile
+from litefs import ltx, sqlitefile, walindex
 from litefs.capture import NO_CRASH, CrashPoints
 from litefs.db import Database, NotPermitted, PositionMismatch, ReadOnlyError
 from litefs.lease import PrimaryInfo
@@ -89,8 +89,8 @@ class NullObserver:
 
 def _reset_wal_index(shm: int, db: Database) -> None:
     """Rewrite the wal-index through the mount, where readers map it."""
-    index = walfile.reset_index(
-        os.pread(shm, walfile.INDEX_INFO_SIZE, 0), os.fstat(db.fd).st_size // (db.page_size or 1)
+    index = walindex.reset(
+        os.pread(shm, walindex.INFO_SIZE, 0), os.fstat(db.fd).st_size // (db.page_size or 1)
     )
     if index is not None:
         os.pwrite(shm, index, 0)
@@ -438,9 +438,21 @@ class Store:
             position = self._create_from(name, path)
         else:
             lock = self._sqlite_lock(name)
-            position = db.apply_ltx(path, self._exclusive(db, lock))
+            writer = lock.wal_writer() if lock is not None else None
+            position = db.apply_ltx(path, self._exclusive(db, lock), writer)
         self._notify(name)
+        if db is not None and lock is not None:
+            self._backfill(db, lock)
         return position
+
+    def _backfill(self, db: Database, lock: DatabaseLock, *, force: bool = False) -> None:
+        """Move what a replica appended to a WAL into the database file,
+        as SQLite's automatic checkpoint would; readers are never waited for."""
+        if not db.wal_mode or db.wal.chain is None:
+            return
+        with lock.wal_writer() as shm:
+            if shm >= 0:
+                db.backfill(shm, lambda: self.observer.database_changed(db.name), force=force)
 
     def _create_from(self, name: str, path: Path, *, writable: bool = False) -> Position:
         """A database this node does not have yet, made from a snapshot

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import StartNode
 from node_process import NodeProcess
+from test_wal import committed_copy
 from waiting import wait_for
 
 from litefs import ltx
@@ -197,7 +198,7 @@ def test_several_databases_replicate_and_deletions_follow(
 
 @pytest.mark.parametrize(("journal_mode", "readers"), [("DELETE", 1), ("WAL", 3)])
 def test_readers_on_the_replica_never_see_a_partial_transaction(
-    pair: tuple[NodeProcess, NodeProcess], journal_mode: str, readers: int
+    pair: tuple[NodeProcess, NodeProcess], journal_mode: str, readers: int, tmp_path: Path
 ) -> None:
     primary, replica = pair
     accounts = 20
@@ -234,7 +235,7 @@ def test_readers_on_the_replica_never_see_a_partial_transaction(
             conn.execute("COMMIT")
         conn.close()
         wait_caught_up(primary, replica, "bank.db")
-        assert ltx.database_checksum(replica.db_dir("bank.db") / "database") == int(
+        assert ltx.database_checksum(committed_copy(replica, "bank.db", tmp_path)) == int(
             position(primary, "bank.db").split("/")[1], 16
         )
     finally:

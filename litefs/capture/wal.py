@@ -122,7 +122,7 @@ class WriteAheadLog:
             cuts_frames = self.chain is not None and size < self.chain.end
             os.truncate(self.path, size)
             if cuts_frames:
-                self._forget()
+                self.forget()
             for offset in [c for c in self._commits if c >= size]:
                 del self._commits[offset]
 
@@ -130,7 +130,7 @@ class WriteAheadLog:
         self._before_frames_are_lost()
         with self.db.locked(wait):
             os.unlink(self.path)
-            self._forget()
+            self.forget()
 
     def _refuse_rest_of_frame(self, offset: int, size: int) -> None:
         """The kernel may split one write of SQLite's into several; when the
@@ -152,7 +152,7 @@ class WriteAheadLog:
         it comes before the database's lock is taken."""
         self.db.pull_cached_pages()
 
-    def _forget(self) -> None:
+    def forget(self) -> None:
         """The log is gone or restarted: SQLite does that only once every
         committed frame is in the database file."""
         self.chain = None
@@ -163,7 +163,7 @@ class WriteAheadLog:
     # -- capture -----------------------------------------------------------
 
     def _start_generation(self, fd: int) -> None:
-        self._forget()
+        self.forget()
         try:
             header = parse_header(os.pread(fd, HEADER_SIZE, 0))
         except WalFormatError:
@@ -290,7 +290,7 @@ class WriteAheadLog:
         are recorded now. When none matches, the final state is recorded as
         a snapshot, as for a rollback database whose history is short.
         """
-        self._forget()
+        self.forget()
         db = self.db
         try:
             with open(self.path, "rb") as f:
@@ -343,6 +343,31 @@ class WriteAheadLog:
                 self._record(f.fileno(), frames)
                 chain.advance(frames[-1])
 
+    def overlay_transaction(self, latest: dict[int, int], commit: int) -> None:
+        """Take a transaction written to the log by the daemon itself (a
+        replica applying): `latest` maps its pages to their offsets."""
+        _overlay(self.pages, latest, commit)
+
+    def fold_into_database(self) -> None:
+        """Copy every committed page into the database file and empty the
+        log, at start-up, when no connection can be reading it: an apply a
+        crash interrupted is then finished over the file alone."""
+        self.forget()
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+            header = parse_header(data)
+        except (FileNotFoundError, WalFormatError):
+            return
+        transactions = group(FrameChain(header).validate(memoryview(data)[HEADER_SIZE:]))
+        for frames in transactions:
+            _overlay(self.pages, _committed_pages(frames), frames[-1].commit)
+        if transactions:
+            self._copy_pages(self.db.fd, header.page_size)
+            os.ftruncate(self.db.fd, transactions[-1][-1].commit * header.page_size)
+        os.truncate(self.path, 0)
+        self.forget()
+
     def _accept(self, transactions: list[list[Frame]]) -> None:
         chain = self.chain
         assert chain is not None
@@ -361,7 +386,7 @@ class WriteAheadLog:
         if self.path.exists():
             self._before_frames_are_lost()
             os.truncate(self.path, 0)
-        self._forget()
+        self.forget()
 
 
 class SharedMemory:
