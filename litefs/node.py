@@ -14,6 +14,7 @@ import logging
 import math
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Coroutine
@@ -21,6 +22,7 @@ from collections.abc import Coroutine
 import pyfuse3
 import trio
 
+from litefs import watchdog
 from litefs.application import Application
 from litefs.capture import CrashPoints
 from litefs.cli import CommandError
@@ -34,7 +36,7 @@ from litefs.http.metrics import Metrics
 from litefs.http.server import Server
 from litefs.lease import Lease, LeaseError, LeaseLost, Leaser, PrimaryExists, PrimaryInfo
 from litefs.lease.static import StaticLeaser
-from litefs.mountpoint import is_mounted, unmount
+from litefs.mountpoint import fuse_connection, is_mounted, unmount
 from litefs.proxy import Proxy
 from litefs.store import NullObserver, Role, Store
 
@@ -120,6 +122,7 @@ class Node:
         )
         self.exit_status = 0
         self._stopping = False
+        self._watchdog: subprocess.Popen[bytes] | None = None
         self.descriptors = raise_descriptor_limit()
         self._services = Services(self)
 
@@ -192,17 +195,30 @@ class Node:
             trio.run(self._serve)
         finally:
             self._services.stop()
+            if self._watchdog is not None:
+                watchdog.stop(self._watchdog)
             self._unmount()
             self.store.release_locks()  # the mount is gone: closing cannot wait on it
 
     async def _serve(self) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._start_watchdog)
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._enforce_retention)
             if self.application is not None:
                 nursery.start_soon(self._run_application, self.application)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
+
+    async def _start_watchdog(self) -> None:
+        """Once the mount answers, and off its loop: finding the connection
+        looks at the mount, and the child closes the descriptors it
+        inherits, some of them perhaps in the mount."""
+        self._watchdog = await trio.to_thread.run_sync(self._spawn_watchdog)
+
+    def _spawn_watchdog(self) -> subprocess.Popen[bytes] | None:
+        connection = fuse_connection(self.config.fuse.dir)
+        return watchdog.start(connection) if connection is not None else None
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

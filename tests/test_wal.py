@@ -4,7 +4,6 @@ the database byte for byte."""
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 import threading
 import time
@@ -34,25 +33,6 @@ def checkpoint(node: NodeProcess, db: str = "my.db") -> None:
         assert busy == 0
     finally:
         conn.close()
-
-
-def committed_copy(node: NodeProcess, db: str, out: Path) -> Path:
-    """The node's database as SQLite itself reads it: a copy of the file
-    and its WAL, checkpointed by SQLite (which checks every frame)."""
-    out.mkdir(exist_ok=True)
-    copy = out / "copy.db"
-    for suffix in ("", "-wal"):
-        Path(f"{copy}{suffix}").unlink(missing_ok=True)
-    shutil.copyfile(node.db_dir(db) / "database", copy)
-    wal = node.db_dir(db) / "wal"
-    if wal.exists():
-        shutil.copyfile(wal, f"{copy}-wal")
-    conn = sqlite3.connect(copy)
-    try:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        conn.close()
-    return copy
 
 
 def assert_history_rebuilds_checkpointed(node: NodeProcess, db: str, tmp_path: Path) -> None:

@@ -3,25 +3,28 @@ their connections open in WAL mode, whole or not at all."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import contextlib
+import random
+import sqlite3
+import threading
+import time
 
 import pytest
 from node_process import NodeProcess
+from test_crash import insert_until
 from test_replication import position, wait_caught_up
-from test_wal import checkpoint, committed_copy, connect
-
-from litefs import ltx
+from test_wal import checkpoint, connect
 
 pytestmark = pytest.mark.fuse
 
 
-def replica_checksum_matches(replica: NodeProcess, db: str, scratch: Path) -> None:
+def replica_checksum_matches(replica: NodeProcess, db: str) -> None:
     _txid, checksum = position(replica, db).split("/")
-    assert ltx.database_checksum(committed_copy(replica, db, scratch)) == int(checksum, 16)
+    assert replica.committed_checksum(db) == int(checksum, 16)
 
 
 def test_wal_transactions_reach_open_replica_connections(
-    pair: tuple[NodeProcess, NodeProcess], tmp_path: Path
+    pair: tuple[NodeProcess, NodeProcess],
 ) -> None:
     primary, replica = pair
     writer = connect(primary, journal_mode="WAL", synchronous="NORMAL")
@@ -35,7 +38,7 @@ def test_wal_transactions_reach_open_replica_connections(
     for i in range(1, 30):
         writer.execute("INSERT INTO t VALUES (?)", (i,))
         wait_caught_up(primary, replica, "my.db")
-        replica_checksum_matches(replica, "my.db", tmp_path)
+        replica_checksum_matches(replica, "my.db")
         for reader in readers:
             assert reader.execute("SELECT count(*) FROM t").fetchone()[0] == i + 1
     for reader in readers:
@@ -43,8 +46,7 @@ def test_wal_transactions_reach_open_replica_connections(
     writer.close()
     checkpoint(primary)
     assert (
-        committed_copy(replica, "my.db", tmp_path).read_bytes()
-        == (primary.db_dir("my.db") / "database").read_bytes()
+        replica.committed_database("my.db") == (primary.db_dir("my.db") / "database").read_bytes()
     )
 
 
@@ -70,7 +72,7 @@ def test_replica_reader_keeps_its_snapshot_while_replication_goes_on(
 
 
 def test_switching_to_wal_and_back_replicates(
-    pair: tuple[NodeProcess, NodeProcess], tmp_path: Path
+    pair: tuple[NodeProcess, NodeProcess],
 ) -> None:
     primary, replica = pair
     primary.sqlite("my.db", "CREATE TABLE t (x); INSERT INTO t VALUES (1);")
@@ -88,4 +90,40 @@ def test_switching_to_wal_and_back_replicates(
     assert held.execute("SELECT count(*) FROM t").fetchone()[0] == 3
     held.close()
     assert replica.sqlite("my.db", "SELECT count(*) FROM t;").stdout.strip() == "3"
-    replica_checksum_matches(replica, "my.db", tmp_path)
+    replica_checksum_matches(replica, "my.db")
+
+
+def test_replica_killed_while_appending_to_its_wal_comes_back_identical(
+    pair: tuple[NodeProcess, NodeProcess],
+) -> None:
+    """An open reader keeps the replica's wal-index alive, so transactions
+    are appended to its log; killed -9 in the middle, the replica finishes
+    the interrupted apply and follows the primary again."""
+    primary, replica = pair
+    writer = connect(primary, journal_mode="WAL")
+    writer.execute("CREATE TABLE t (i INTEGER PRIMARY KEY, x)")
+    writer.close()
+    wait_caught_up(primary, replica, "my.db")
+    rng = random.Random(5)
+    for round_number in range(3):
+        reader = connect(replica)
+        reader.execute("SELECT count(*) FROM t").fetchone()
+        stop = threading.Event()
+        done: list[int] = []
+        thread = threading.Thread(
+            target=insert_until,
+            args=(primary.mount_dir / "my.db", 1_000_000 * (round_number + 1), 300, stop, done),
+        )
+        thread.start()
+        time.sleep(rng.uniform(0.2, 0.5))
+        replica.kill()
+        stop.set()
+        thread.join(30)
+        with contextlib.suppress(sqlite3.Error):
+            reader.close()
+        replica.start()
+        assert done
+        wait_caught_up(primary, replica, "my.db")
+        assert replica.sqlite("my.db", "PRAGMA integrity_check;").stdout.strip() == "ok"
+        replica_checksum_matches(replica, "my.db")
+    assert replica.committed_database("my.db") == primary.committed_database("my.db")
