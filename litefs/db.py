@@ -960,11 +960,23 @@ class Database:
         the blocks the database file grows into, and the marker."""
         _reserve_space(self.fd, size)
         marker = self._next_applying_path
+        spare = self.spares.take()
         try:
-            marker.write_text(name)
+            if spare is None:
+                marker.write_text(name)
+            else:
+                _write_into(spare, name.encode())
+                os.rename(spare, marker)
         except OSError:
             marker.unlink(missing_ok=True)
+            if spare is not None:
+                spare.unlink(missing_ok=True)
             raise
+
+    def incoming_path(self) -> Path | None:
+        """A file made ahead of time for an LTX file about to arrive, in
+        the directory it will be applied into; None when none is ready."""
+        return self.spares.take()
 
     def _log_reseed(self, txid: int, checksum: int) -> None:
         """Say what a snapshot replaces: a node that was primary may hold
@@ -1029,6 +1041,15 @@ class Database:
 
 _FALLOC_FL_KEEP_SIZE = 1
 _LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _write_into(path: Path, data: bytes) -> None:
+    """Write an existing empty file: cheaper than creating one."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def _reserve_space(fd: int, size: int) -> None:

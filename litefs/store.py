@@ -418,8 +418,13 @@ class Store:
     def scratch_path(self, purpose: str) -> Path:
         return self.tmp_dir / f"{purpose}-{threading.get_ident()}-{time.monotonic_ns()}"
 
-    def incoming_path(self) -> Path:
-        """Where a replica writes an LTX file while it arrives."""
+    def incoming_path(self, name: str) -> Path:
+        """Where a replica writes an LTX file for `name` while it arrives:
+        a file made ahead of time when the database has one ready."""
+        db = self._dbs.get(name)
+        spare = db.incoming_path() if db is not None else None
+        if spare is not None:
+            return spare
         return self.tmp_dir / f"incoming-{threading.get_ident()}-{time.monotonic_ns()}.ltx"
 
     def apply_ltx(self, name: str, path: Path) -> Position:

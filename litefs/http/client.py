@@ -185,7 +185,7 @@ class ReplicaClient:
         return first, size
 
     async def _receive(self, reader: protocol.Reader, name: str) -> None:
-        path = self.store.incoming_path()
+        path = self.store.incoming_path(name)
         try:
             size, header = await self._receive_file(reader, path)
             try:
