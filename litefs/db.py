@@ -882,9 +882,14 @@ class Database:
         enters the history before the first page is written, with a marker,
         so `recover` can finish an apply a crash interrupted; pages are
         written under `write_lock` (SQLite's EXCLUSIVE lock through the
-        mount) so readers never see part of it. In WAL mode, `wal_writer`
-        (the WAL write lock, yielding the wal-index) lets the transaction be
-        appended to the log instead, where readers need not be kept out.
+        mount) so readers never see part of it.
+
+        In WAL mode, `wal_writer` (the WAL write lock, yielding the
+        wal-index) lets the transaction be appended to the log instead,
+        where readers need not be kept out. The file then enters the history
+        after its commit frame: a crash in between leaves a committed
+        transaction in the log, which `recover` records again, as it does
+        on a primary.
         """
         with self.lock, open(path, "rb") as f:
             checked = ltx.check_apply(f, self.fd, checksums=self._checksums)
@@ -897,26 +902,41 @@ class Database:
             if header.is_snapshot and self.position.txid:
                 self._log_reseed(header.max_txid, checked.trailer.post_apply_checksum)
             final = self.ltx_dir / ltx.format_filename(header.min_txid, header.max_txid)
-            self._prepare_apply(final.name, header.commit * header.page_size)
-            os.rename(path, final)
-            if header.is_snapshot:
-                for _min, _max, old in self.ltx_files():
-                    if old != final:
-                        old.unlink(missing_ok=True)
-            os.rename(self._next_applying_path, self.applying_path)
-            if wal_writer is None or not self._append_to_wal(f, header, wal_writer):
-                with write_lock:
-                    self._discard_unfinished_transaction()
-                    ltx.write_pages(f, self.fd, checked, sync=False)
-            self.applying_path.unlink()
+            if wal_writer is not None and self._append_to_wal(f, header, wal_writer):
+                os.rename(path, final)
+            else:
+                self._apply_to_file(f, checked, path, final, write_lock)
             assert checked.checksums is not None
             self._checksums = checked.checksums
             self._xor = ltx.checksum_of(self._checksums)
             self.page_size = self._write_page_size = header.page_size
             self.content = Content.SQLITE if header.commit else Content.EMPTY
-            self.wal_mode = _is_wal_header(os.pread(self.fd, 100, 0))
+            self.wal_mode = _is_wal_header(self.read_page(1))
             self.position = Position(header.max_txid, checked.trailer.post_apply_checksum)
             return self.position
+
+    def _apply_to_file(
+        self,
+        f: BinaryIO,
+        checked: ltx.CheckedApply,
+        path: Path,
+        final: Path,
+        write_lock: contextlib.AbstractContextManager[None],
+    ) -> None:
+        """Write the pages into the database file under `write_lock`, the
+        file entered in the history first with a marker naming it."""
+        header = checked.header
+        self._prepare_apply(final.name, header.commit * header.page_size)
+        os.rename(path, final)
+        if header.is_snapshot:
+            for _min, _max, old in self.ltx_files():
+                if old != final:
+                    old.unlink(missing_ok=True)
+        os.rename(self._next_applying_path, self.applying_path)
+        with write_lock:
+            self._discard_unfinished_transaction()
+            ltx.write_pages(f, self.fd, checked, sync=False)
+        self.applying_path.unlink()
 
     def _append_to_wal(
         self,
