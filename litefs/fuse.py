@@ -52,7 +52,7 @@ from litefs.db import (
     NotPermitted,
     ReadOnlyError,
 )
-from litefs.names import InvalidName, ReservedName, check_new_name
+from litefs.names import POSITION_SUFFIX, InvalidName, ReservedName, check_new_name
 from litefs.store import Store
 
 log = logging.getLogger("litefs.fuse")
@@ -525,6 +525,7 @@ class FileSystem(pyfuse3.Operations):
                 db = self.store.create_database(path, permissions)
                 os.fchown(db.fd, ctx.uid, ctx.gid)
                 self._changed_directories.add(parent.path)
+                self._forget_missing_position(parent.ino, text)
             else:
                 OWNERS[kind](self._database_named(db_name)).check_writable()
                 backing = self.dbs_dir / db_name / BACKING_NAMES[kind]
@@ -539,6 +540,16 @@ class FileSystem(pyfuse3.Operations):
         attrs = self._attributes(node)
         node.lookups += 1
         return _file_info(fh, kind), attrs
+
+    @staticmethod
+    def _forget_missing_position(parent_inode: int, name: str) -> None:
+        """A new database brings its position file: the kernel may have
+        cached that name as missing. It holds the directory's lock until
+        the creating request returns, so the name is dropped afterwards."""
+        entry = os.fsencode(name + POSITION_SUFFIX)
+        threading.Thread(
+            target=_quietly, args=(pyfuse3.invalidate_entry, parent_inode, entry), daemon=True
+        ).start()
 
     def _new_entry(self, parent: str, name: str) -> tuple[Kind, str, str]:
         path = _join(parent, name)

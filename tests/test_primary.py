@@ -65,6 +65,15 @@ def test_position_file_reads_txid_and_checksum(primary: NodeProcess) -> None:
     assert int(checksum, 16) == ltx.database_checksum(primary.db_dir("my.db") / "database")
 
 
+def test_position_file_looked_up_before_its_database_exists_appears_with_it(
+    primary: NodeProcess,
+) -> None:
+    position = primary.mount_dir / "late.db-pos"
+    assert not position.exists()  # the kernel may now cache the name as missing
+    primary.sqlite("late.db", "CREATE TABLE t (x);")
+    assert position.read_text().startswith("0000000000000001/")
+
+
 @pytest.mark.parametrize("mode", ["DELETE", "TRUNCATE", "PERSIST"])
 def test_rollback_journal_modes_are_captured(
     primary: NodeProcess, tmp_path: Path, mode: str
