@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 
 import pyfuse3
 import trio
@@ -29,8 +28,7 @@ from litefs.cli import CommandError
 from litefs.config import Config, LeaseConfig
 from litefs.db import DatabaseError
 from litefs.fuse import FileSystem
-from litefs.http import protocol
-from litefs.http.client import HandoffToUs, ReplicaClient
+from litefs.http.client import HandoffToUs, Lag, ReplicaClient
 from litefs.http.limits import raise_descriptor_limit
 from litefs.http.metrics import Metrics
 from litefs.http.server import Server
@@ -57,6 +55,12 @@ HANDOFF_GRACE = 5.0
 RENEW_MARGIN = 1.0
 """Seconds before the lease's deadline at which a primary that could not
 renew stops accepting writes."""
+LAG_MARGIN = 1.0
+"""Seconds beyond the lease's TTL a replica may have trailed its lost primary
+and still compete for the lease at once."""
+CAUGHT_UP_HEADSTART = 3.0
+"""Seconds a replica that trailed its lost primary leaves the lease to the
+others (after any lock-delay): one of them may hold what it missed."""
 
 
 def make_leaser(lease: LeaseConfig) -> Leaser:
@@ -299,7 +303,9 @@ class Services:
         self._handoff_target: str | None = None
         self._handoff_until = 0.0
         self._client: ReplicaClient | None = None
-        self._synced_at = -math.inf
+        self.lag = Lag()
+        self._defer_until = 0.0
+        self._behind_at_loss = 0.0
 
     def start(self) -> None:
         """Start the thread and wait until the HTTP port is bound (or failed)."""
@@ -378,10 +384,7 @@ class Services:
     def replication_lag(self) -> float:
         """Seconds since this replica last had all the primary had: 0 while
         its stream is caught up and alive, infinite before it ever was."""
-        client = self._client
-        if client is not None and client.connected and client.ready.is_set():
-            self._synced_at = max(self._synced_at, client.last_frame)
-        return max(0.0, time.monotonic() - self._synced_at - protocol.HEARTBEAT_INTERVAL)
+        return self.lag.behind(time.time())
 
     async def _after_mount(self, work: Coroutine[None, None, None]) -> None:
         """Roles need the mount: a replica takes SQLite's locks through it."""
@@ -402,6 +405,7 @@ class Services:
             info: PrimaryInfo | None = None
             if leaser.candidate:
                 await self._respect_handoff()
+                await self._defer_to_caught_up_candidates()
                 try:
                     lease = await self._acquire()
                 except PrimaryExists as exc:
@@ -453,13 +457,34 @@ class Services:
 
     async def _respect_handoff(self) -> None:
         """During a handoff to another node, let it take the lease first."""
+        target = self._handoff_target
+        if target == self.node.name:
+            return
+        await self._leave_lease(self._handoff_until, lambda current: current.hostname == target)
+
+    async def _defer_to_caught_up_candidates(self) -> None:
+        """After trailing a primary that lost its lease, let the others try
+        first: a node that is caught up holds transactions this one never
+        received, which would be lost if this one won."""
+        until, self._defer_until = self._defer_until, 0.0
+        if time.monotonic() >= until:
+            return
+        log.info(
+            "trailed the lost primary by %.1fs; leaving the lease to caught-up nodes for %.1fs",
+            self._behind_at_loss,
+            until - time.monotonic(),
+        )
+        await self._leave_lease(until, lambda current: True)
+
+    async def _leave_lease(self, until: float, taken: Callable[[PrimaryInfo], bool]) -> None:
+        """Wait until `until` or until the lease is held as `taken` says."""
         leaser = self.node.leaser
-        while time.monotonic() < self._handoff_until and self._handoff_target != self.node.name:
+        while time.monotonic() < until:
             try:
                 current = await leaser.primary_info()
             except LeaseError:
                 current = None
-            if current is not None and current.hostname == self._handoff_target:
+            if current is not None and taken(current):
                 return
             await asyncio.sleep(0.05)
 
@@ -540,6 +565,7 @@ class Services:
             node.metrics,
             self._note_handoff,
             auth_token=node.config.http.auth_token,
+            lag=self.lag,
         )
         stream = asyncio.create_task(client.follow(info.advertise_url))
         change = asyncio.create_task(self._primary_change(info))
@@ -552,11 +578,23 @@ class Services:
                 # END came first: the old primary releases the lease a moment
                 # later; competing before that would only find it still held.
                 await asyncio.wait({change}, timeout=END_TO_RELEASE)
+            if change.done() and not _ended(stream):
+                self._note_lag_at_loss()
         finally:
             for task in (stream, change, caught_up):
                 task.cancel()
             await asyncio.gather(stream, change, caught_up, return_exceptions=True)
             await client.drain()
+
+    def _note_lag_at_loss(self) -> None:
+        """The lease moved without the primary saying END. A replica that
+        had heard nothing from it for longer than its lease could have lasted
+        may have missed commits: it will compete only after the others."""
+        behind = self.lag.behind_at_loss(time.time())
+        leaser = self.node.leaser
+        if behind > leaser.ttl + LAG_MARGIN:
+            self._behind_at_loss = behind
+            self._defer_until = time.monotonic() + leaser.acquire_delay + CAUGHT_UP_HEADSTART
 
     async def _caught_up(self, client: ReplicaClient) -> None:
         await client.ready.wait()
@@ -581,3 +619,13 @@ class Services:
 
 def _handed_to_us(stream: asyncio.Task[None]) -> bool:
     return not stream.cancelled() and isinstance(stream.exception(), HandoffToUs)
+
+
+def _ended(stream: asyncio.Task[None]) -> bool:
+    """Whether the stream finished as it should: END, or a handoff to us.
+    Either way the primary sent all it committed."""
+    return (
+        stream.done()
+        and not stream.cancelled()
+        and (stream.exception() is None or _handed_to_us(stream))
+    )

@@ -667,3 +667,49 @@ def test_primary_frozen_while_renewing_its_lease_refuses_writes_on_resuming(
     assert wait_elected(cluster.nodes) is new
     wait_identical(cluster.nodes)
     assert rows(old) == ["new primary"]
+
+
+def test_replica_that_missed_commits_leaves_the_lease_to_one_that_has_them(
+    etcd_server: EtcdServer, start_node: StartNode
+) -> None:
+    # The primary drops a replica that takes no bytes for a second, so a
+    # frozen replica misses what the primary commits meanwhile.
+    settings = {**etcd_lease(etcd_server), "http": {"write-timeout": "1s"}}
+    nodes = [start_node(name, settings=settings) for name in ("node1", "node2", "node3")]
+    cluster = Cluster(etcd_server, nodes)
+    try:
+        old = wait_elected(nodes)
+        old.sqlite(DB, "CREATE TABLE t (x); CREATE TABLE big (b); INSERT INTO t VALUES ('one');")
+        wait_identical(nodes)
+        caught_up, lagging = cluster.others(old)
+
+        cluster.freeze(lagging)
+        frozen_at = time.monotonic()
+        old.sqlite(
+            DB,
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 400) "
+            "INSERT INTO big SELECT randomblob(100000) FROM n;",
+        )
+        acknowledged = txid(old)
+        wait_for(lambda: txid(caught_up) == acknowledged, SETTLE_TIMEOUT, "the write on node2")
+        wait_for(
+            lambda: "dropping replica" in old.log(), SETTLE_TIMEOUT, "the frozen replica dropped"
+        )
+        time.sleep(max(0.0, frozen_at + TTL + 4.0 - time.monotonic()))
+
+        # The caught-up replica cannot act when the lease runs out; the one
+        # that missed the write can, and must still leave the lease alone.
+        old.kill()
+        time.sleep(0.3)
+        cluster.freeze(caught_up)
+        cluster.thaw(lagging)
+        time.sleep(TTL + 1.0)
+        cluster.thaw(caught_up)
+
+        assert wait_elected([caught_up, lagging]) is caught_up
+        assert txid(caught_up) >= acknowledged
+        assert "leaving the lease to caught-up nodes" in lagging.log()
+        wait_identical([caught_up, lagging])
+    finally:
+        for node in nodes:
+            cluster.thaw(node)

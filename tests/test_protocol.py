@@ -363,3 +363,17 @@ def test_position_must_be_exactly_16_hex_digits(txid: str) -> None:
 def test_boolean_version_is_not_version_1() -> None:
     with pytest.raises(BadRequest, match="unsupported protocol version"):
         protocol.decode_request(request(version=True))
+
+
+def test_ready_and_heartbeat_carry_the_primarys_clock_in_milliseconds() -> None:
+    data = protocol.clock_frame(FrameType.HEARTBEAT, 1_700_000_000.25)
+    assert data == b"H\x00\x00\x00\x08" + (1_700_000_000_250).to_bytes(8, "big")
+    frame = read_from(data, protocol.read_frame)
+    assert frame.type is FrameType.HEARTBEAT
+    assert protocol.frame_clock(frame) == 1_700_000_000.25
+
+
+def test_a_ready_frame_without_a_clock_is_still_ready() -> None:
+    frame = read_from(protocol.frame(FrameType.READY), protocol.read_frame)
+    assert frame.type is FrameType.READY
+    assert protocol.frame_clock(frame) is None

@@ -12,7 +12,9 @@ answers with whatever brings us back in line, a snapshot if need be.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +48,46 @@ class StreamEnded(Exception):
     """The primary said END: it has sent all it committed and is primary no more."""
 
 
+class Lag:
+    """How far this replica trails its primary.
+
+    Measured against the primary's wall clock, which READY, HEARTBEAT and
+    every LTX header carry, rather than against when frames arrive: frames
+    that waited in a socket buffer while this process was stopped, or while
+    it applied more slowly than the primary committed, arrive late but say
+    how old they are. Clocks are assumed to agree to well under a second.
+    """
+
+    def __init__(self) -> None:
+        self.current_at = -math.inf
+        """The primary's time at which this replica last held all it had."""
+        self.gone_at: float | None = None
+        """When the primary closed the stream or refused a connection: from
+        then on it was committing nothing this replica could hear of."""
+
+    def heard(self, primary_time: float) -> None:
+        self.current_at = max(self.current_at, primary_time)
+
+    def primary_gone(self, now: float) -> None:
+        if self.gone_at is None:
+            self.gone_at = now
+
+    def connected(self) -> None:
+        self.gone_at = None
+
+    def behind(self, now: float) -> float:
+        """Seconds of the primary's commits this replica may be missing now."""
+        return max(0.0, now - self.current_at - protocol.HEARTBEAT_INTERVAL)
+
+    def behind_at_loss(self, now: float) -> float:
+        """Seconds of commits this replica may have missed from a primary
+        that has just lost its lease. When the primary was seen to go away,
+        it committed nothing after; otherwise (a timeout, a partition) it may
+        have committed until now."""
+        lost = self.gone_at if self.gone_at is not None else now
+        return max(0.0, lost - self.current_at - protocol.HEARTBEAT_INTERVAL)
+
+
 class ReplicaClient:
     def __init__(
         self,
@@ -55,8 +97,10 @@ class ReplicaClient:
         on_handoff: Callable[[str], None] | None = None,
         *,
         auth_token: str | None = None,
+        lag: Lag | None = None,
     ) -> None:
         self.store = store
+        self.lag = lag if lag is not None else Lag()
         self.headers = {"Content-Type": "application/json"}
         if auth_token:
             self.headers["Authorization"] = f"Bearer {auth_token}"
@@ -90,6 +134,7 @@ class ReplicaClient:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
                 started = time.monotonic()
+                gone = True
                 try:
                     await self._stream(session, url)
                     reason = "the primary closed the stream"
@@ -99,9 +144,13 @@ class ReplicaClient:
                     reason = f"the stream from {url} ended in the middle of a frame"
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     reason = f"connection to {url} failed: {_describe(exc)}"
+                    gone = _refused_or_closed(exc)
                 except (protocol.ProtocolError, ReplicationError) as exc:
                     reason = str(exc)
+                    gone = False
                 self.ready.clear()
+                if gone:
+                    self.lag.primary_gone(time.time())
                 if time.monotonic() - started > 10 * MAX_BACKOFF:
                     backoff = MIN_BACKOFF
                 log.warning("replication interrupted: %s; reconnecting in %.2fs", reason, backoff)
@@ -123,6 +172,7 @@ class ReplicaClient:
             log.info("connected to primary at %s", url)
             reader = response.content
             self.connected = True
+            self.lag.connected()
             try:
                 await self._read_frames(reader, url)
             finally:
@@ -139,6 +189,10 @@ class ReplicaClient:
                 if not self.ready.is_set():
                     log.info("caught up with primary at %s", url)
                 self.ready.set()
+                self._heard(frame)
+            elif frame.type is FrameType.HEARTBEAT:
+                if self.ready.is_set():
+                    self._heard(frame)
             elif frame.type is FrameType.DROP:
                 name = protocol.database_name(frame)
                 await asyncio.get_running_loop().run_in_executor(
@@ -155,6 +209,11 @@ class ReplicaClient:
                 log.info("primary ended the stream: %s", frame.text)
                 raise StreamEnded(frame.text)
             self.store.replica_heard(current=self.ready.is_set())
+
+    def _heard(self, frame: protocol.Frame) -> None:
+        """The primary had nothing more to send at the time the frame says."""
+        clock = protocol.frame_clock(frame)
+        self.lag.heard(clock if clock is not None else time.time())
 
     async def _receive_file(self, reader: protocol.Reader, path: Path) -> tuple[int, ltx.Header]:
         try:
@@ -204,10 +263,22 @@ class ReplicaClient:
                 ) from None
         finally:
             path.unlink(missing_ok=True)
+        if self.ready.is_set():
+            self.lag.heard(header.timestamp / 1000)
         self.metrics.ltx_bytes.inc(size)
         if header.is_snapshot:
             self.metrics.snapshots.inc()
         self.metrics.applied(name, header.timestamp)
+
+
+def _refused_or_closed(exc: BaseException) -> bool:
+    """Whether the primary's host answered that nothing listens or the
+    connection is over, rather than not answering at all."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        exc = exc.os_error
+    return isinstance(exc, OSError) and exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET)
 
 
 def _describe(exc: BaseException) -> str:

@@ -37,6 +37,7 @@ MAX_REQUEST = 1 << 20
 
 _FRAME_HEADER = struct.Struct(">cI")
 _CHUNK_HEADER = struct.Struct(">I")
+_CLOCK = struct.Struct(">Q")
 
 
 class FrameType(Enum):
@@ -68,6 +69,21 @@ class Frame:
 
 def frame(kind: FrameType, payload: bytes = b"") -> bytes:
     return _FRAME_HEADER.pack(kind.value, len(payload)) + payload
+
+
+def clock_frame(kind: FrameType, now: float) -> bytes:
+    """A READY or HEARTBEAT frame carrying the primary's wall clock, in
+    milliseconds since the epoch: what a replica measures its lag against."""
+    return frame(kind, _CLOCK.pack(int(now * 1000)))
+
+
+def frame_clock(frame: Frame) -> float | None:
+    """The primary's wall clock a READY or HEARTBEAT frame carries, in
+    seconds; None when it carries none."""
+    if len(frame.payload) != _CLOCK.size:
+        return None
+    (millis,) = _CLOCK.unpack(frame.payload)
+    return millis / 1000
 
 
 def chunk(data: bytes | memoryview) -> bytes:

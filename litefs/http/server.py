@@ -462,12 +462,12 @@ class StreamSession:
                     await asyncio.wait_for(self._wake.wait(), protocol.HEARTBEAT_INTERVAL)
                 except TimeoutError:
                     if self.store.is_primary:
-                        await self.write(protocol.frame(FrameType.HEARTBEAT))
+                        await self.write(protocol.clock_frame(FrameType.HEARTBEAT, time.time()))
                     continue
                 self._wake.clear()
                 await self._send_pending()
                 if not ready:
-                    await self.write(protocol.frame(FrameType.READY))
+                    await self.write(protocol.clock_frame(FrameType.READY, time.time()))
                     ready = True
             self._pending.update(db.name for db in self.store.databases())
             await self._send_pending()

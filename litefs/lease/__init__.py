@@ -98,6 +98,14 @@ class Leaser(abc.ABC):
     hostname: str
     advertise_url: str
     candidate: bool
+    ttl: float = 0.0
+    """Seconds a lease outlives its holder's last renewal."""
+
+    @property
+    def acquire_delay(self) -> float:
+        """Seconds after a holder is gone during which nobody may take the
+        lease (Consul's lock-delay)."""
+        return 0.0
 
     @abc.abstractmethod
     async def acquire(self) -> Lease:

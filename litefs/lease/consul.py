@@ -131,6 +131,10 @@ class ConsulLeaser(Leaser):
     def info(self) -> PrimaryInfo:
         return PrimaryInfo(self.hostname, self.advertise_url)
 
+    @property
+    def acquire_delay(self) -> float:
+        return self.lock_delay
+
     async def acquire(self) -> ConsulLease:
         if not self.candidate:
             raise LeaseError(f"{self.hostname} is not a candidate for primary")

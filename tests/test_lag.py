@@ -1,0 +1,56 @@
+"""How far a replica trails its primary, on the primary's clock.
+
+The lag decides whether a replica's proxy reports it healthy, and whether,
+when the primary's lease is lost, the replica competes for the lease at once
+or leaves it first to nodes that may hold commits it never received.
+"""
+
+from __future__ import annotations
+
+import math
+
+from litefs.http.client import Lag
+from litefs.http.protocol import HEARTBEAT_INTERVAL
+
+
+def test_a_replica_that_never_caught_up_is_infinitely_behind() -> None:
+    lag = Lag()
+    assert lag.behind(1000.0) == math.inf
+    assert lag.behind_at_loss(1000.0) == math.inf
+
+
+def test_a_heartbeat_within_its_interval_means_no_lag() -> None:
+    lag = Lag()
+    lag.heard(1000.0)
+    assert lag.behind(1000.0 + HEARTBEAT_INTERVAL) == 0.0
+    assert lag.behind(1000.0 + HEARTBEAT_INTERVAL + 2.5) == 2.5
+
+
+def test_an_old_frame_read_late_does_not_make_the_replica_current() -> None:
+    lag = Lag()
+    lag.heard(1000.0)
+    lag.heard(990.0)  # a commit timestamp from a file that sat in a buffer
+    assert lag.current_at == 1000.0
+
+
+def test_a_primary_seen_going_away_stops_the_lag_growing_at_the_loss() -> None:
+    lag = Lag()
+    lag.heard(1000.0)
+    lag.primary_gone(1000.5)
+    lag.primary_gone(1003.0)  # failed reconnections say nothing new
+    assert lag.behind_at_loss(1010.0) == 0.0
+    assert lag.behind(1010.0) == 10.0 - HEARTBEAT_INTERVAL
+
+
+def test_a_primary_that_went_silent_may_have_committed_until_its_lease_was_lost() -> None:
+    lag = Lag()
+    lag.heard(1000.0)
+    assert lag.behind_at_loss(1010.0) == 10.0 - HEARTBEAT_INTERVAL
+
+
+def test_reconnecting_forgets_that_the_primary_went_away() -> None:
+    lag = Lag()
+    lag.heard(1000.0)
+    lag.primary_gone(1001.0)
+    lag.connected()
+    assert lag.behind_at_loss(1010.0) == 10.0 - HEARTBEAT_INTERVAL
