@@ -9,8 +9,8 @@ mount with it. Only aborting the FUSE connection ends that wait.
 
 So the daemon starts this watchdog once mounted, in a session of its own.
 It looks at the daemon every fraction of a second; when the daemon is
-exiting but some thread of it is still at work after a grace period, it
-aborts the connection, and the exit completes. A daemon that stops cleanly
+dying (killed, or its exit begun) but some thread of it is still not done
+after a grace period, it aborts the connection, and the exit completes. A daemon that stops cleanly
 ends its watchdog before it unmounts; a daemon that is gone (reaped, or a
 zombie with nothing left to close) ends it too.
 
@@ -29,24 +29,57 @@ from pathlib import Path
 POLL = 0.1
 GRACE = 0.5
 _PF_EXITING = 0x4
+_SIGKILL_BIT = 1 << (9 - 1)
+_DEAD = ("Z", "X")
 _CONNECTIONS = Path("/sys/fs/fuse/connections")
 
 
-def exiting(pid: int) -> bool | None:
-    """Whether the process is exiting with a thread still running its exit;
-    None when it is gone or fully exited (nothing left to free)."""
+def exiting(pid: int, proc: Path = Path("/proc")) -> bool | None:
+    """Whether the process is dying (SIGKILL pending, or its exit begun)
+    with a thread still not done; None when it is gone or fully exited
+    (nothing left to free).
+
+    A main thread that waits uninterruptibly on its own mount never begins
+    its exit: only the pending SIGKILL tells.
+    """
+    process = proc / str(pid)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        threads = os.listdir(f"/proc/{pid}/task")
+        state, flags = _state((process / "stat").read_text())
+        status = (process / "status").read_text()
     except OSError:
         return None
-    fields = stat.rsplit(")", 1)[1].split()
-    state, flags = fields[0], int(fields[6])
-    if not flags & _PF_EXITING:
+    if not (flags & _PF_EXITING or _killed(status)):
         return False
-    if state == "Z" and len(threads) <= 1:
-        return None
-    return True
+    return True if state not in _DEAD or _threads_alive(process) else None
+
+
+def _state(stat: str) -> tuple[str, int]:
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[6])
+
+
+def _threads_alive(process: Path) -> bool:
+    try:
+        tasks = os.listdir(process / "task")
+    except OSError:
+        return False
+    for tid in tasks:
+        try:
+            state, _ = _state((process / "task" / tid / "stat").read_text())
+        except OSError:
+            continue  # the thread has just gone
+        if state not in _DEAD:
+            return True
+    return False
+
+
+def _killed(status: str) -> bool:
+    """Whether SIGKILL is pending for the thread or its whole process."""
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("SigPnd", "ShdPnd") and int(value, 16) & _SIGKILL_BIT:
+            return True
+    return False
 
 
 def watch(pid: int, connection: int) -> None:
