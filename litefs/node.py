@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import socket
 import subprocess
@@ -56,8 +57,10 @@ RENEW_MARGIN = 1.0
 """Seconds before the lease's deadline at which a primary that could not
 renew stops accepting writes."""
 LAG_MARGIN = 1.0
-"""Seconds beyond the lease's TTL a replica may have trailed its lost primary
-and still compete for the lease at once."""
+"""Seconds beyond twice the lease's TTL a replica may have trailed its lost
+primary and still compete for the lease at once. Twice: Consul may take up to
+twice the TTL to end a session, and etcd was seen to take 1.85 times it
+behind a frozen primary, all the while the replicas hear nothing."""
 CAUGHT_UP_HEADSTART = 3.0
 """Seconds a replica that trailed its lost primary leaves the lease to the
 others (after any lock-delay): one of them may hold what it missed."""
@@ -469,9 +472,10 @@ class Services:
         until, self._defer_until = self._defer_until, 0.0
         if time.monotonic() >= until:
             return
+        behind = self._behind_at_loss
         log.info(
-            "trailed the lost primary by %.1fs; leaving the lease to caught-up nodes for %.1fs",
-            self._behind_at_loss,
+            "%s the lost primary; leaving the lease to caught-up nodes for %.1fs",
+            "never caught up with" if math.isinf(behind) else f"trailed by {behind:.1f}s",
             until - time.monotonic(),
         )
         await self._leave_lease(until, lambda current: True)
@@ -550,6 +554,7 @@ class Services:
                 wait = lease.renew_interval
         finally:
             store.set_role(Role.REPLICA, None)
+            self.lag.heard(time.time())  # all there was, this node committed
             if self._server is not None:
                 await self._server.drain(HANDOVER_DRAIN)
             await lease.release()
@@ -578,7 +583,7 @@ class Services:
                 # END came first: the old primary releases the lease a moment
                 # later; competing before that would only find it still held.
                 await asyncio.wait({change}, timeout=END_TO_RELEASE)
-            if change.done() and not _ended(stream):
+            if change.done() and not _ended(stream) and info.hostname != node.name:
                 self._note_lag_at_loss()
         finally:
             for task in (stream, change, caught_up):
@@ -588,11 +593,11 @@ class Services:
 
     def _note_lag_at_loss(self) -> None:
         """The lease moved without the primary saying END. A replica that
-        had heard nothing from it for longer than its lease could have lasted
+        had heard nothing from it for longer than a lease can take to run out
         may have missed commits: it will compete only after the others."""
         behind = self.lag.behind_at_loss(time.time())
         leaser = self.node.leaser
-        if behind > leaser.ttl + LAG_MARGIN:
+        if behind > 2 * leaser.ttl + LAG_MARGIN:
             self._behind_at_loss = behind
             self._defer_until = time.monotonic() + leaser.acquire_delay + CAUGHT_UP_HEADSTART
 

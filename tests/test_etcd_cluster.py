@@ -695,7 +695,7 @@ def test_replica_that_missed_commits_leaves_the_lease_to_one_that_has_them(
         wait_for(
             lambda: "dropping replica" in old.log(), SETTLE_TIMEOUT, "the frozen replica dropped"
         )
-        time.sleep(max(0.0, frozen_at + TTL + 4.0 - time.monotonic()))
+        time.sleep(max(0.0, frozen_at + 2 * TTL + 5.0 - time.monotonic()))
 
         # The caught-up replica cannot act when the lease runs out; the one
         # that missed the write can, and must still leave the lease alone.

@@ -7,10 +7,18 @@ or leaves it first to nodes that may hold commits it never received.
 
 from __future__ import annotations
 
+import asyncio
 import math
+from pathlib import Path
 
-from litefs.http.client import Lag
+from aiohttp import web
+from node_process import free_port
+
+from litefs.http import protocol
+from litefs.http.client import Lag, ReplicaClient
+from litefs.http.metrics import Metrics
 from litefs.http.protocol import HEARTBEAT_INTERVAL
+from litefs.store import Store
 
 
 def test_a_replica_that_never_caught_up_is_infinitely_behind() -> None:
@@ -54,3 +62,46 @@ def test_reconnecting_forgets_that_the_primary_went_away() -> None:
     lag.primary_gone(1001.0)
     lag.connected()
     assert lag.behind_at_loss(1010.0) == 10.0 - HEARTBEAT_INTERVAL
+
+
+def refusing_primary(answer: dict[str, object]) -> web.Application:
+    async def stream(request: web.Request) -> web.Response:
+        return web.json_response(answer, status=503)
+
+    app = web.Application()
+    app.router.add_post(protocol.STREAM_PATH, stream)
+    return app
+
+
+def gone_at_after_refusals(tmp_path: Path, answer: dict[str, object]) -> float | None:
+    """Follow a node that answers every stream request with `answer`."""
+
+    async def run() -> float | None:
+        runner = web.AppRunner(refusing_primary(answer))
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        store = Store(tmp_path / "data")
+        store.open()
+        client = ReplicaClient(store, "replica", Metrics(store))
+        following = asyncio.create_task(client.follow(f"http://127.0.0.1:{port}"))
+        try:
+            await asyncio.sleep(0.5)  # a few refusals
+        finally:
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
+            await runner.cleanup()
+            store.close()
+        return client.lag.gone_at
+
+    return asyncio.run(run())
+
+
+def test_a_node_that_says_it_is_not_the_primary_counts_as_gone(tmp_path: Path) -> None:
+    answer = {"error": "this node is not the primary", "primary": None}
+    assert gone_at_after_refusals(tmp_path, answer) is not None
+
+
+def test_a_primary_that_is_busy_does_not_count_as_gone(tmp_path: Path) -> None:
+    answer = {"error": "too many streams (at most 64)"}
+    assert gone_at_after_refusals(tmp_path, answer) is None

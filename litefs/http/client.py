@@ -40,6 +40,10 @@ class ReplicationError(Exception):
     """This connection to the primary cannot go on."""
 
 
+class NotPrimary(ReplicationError):
+    """The node the lease names says it is not the primary: it commits nothing."""
+
+
 class HandoffToUs(Exception):
     """The primary is handing its role to this node."""
 
@@ -147,7 +151,7 @@ class ReplicaClient:
                     gone = _refused_or_closed(exc)
                 except (protocol.ProtocolError, ReplicationError) as exc:
                     reason = str(exc)
-                    gone = False
+                    gone = isinstance(exc, NotPrimary)
                 self.ready.clear()
                 if gone:
                     self.lag.primary_gone(time.time())
@@ -166,7 +170,10 @@ class ReplicaClient:
         ) as response:
             if response.status != 200:
                 text = (await response.text())[:200]
-                raise ReplicationError(f"primary at {url} answered {response.status}: {text}")
+                problem = f"primary at {url} answered {response.status}: {text}"
+                if response.status == 503 and '"primary"' in text:
+                    raise NotPrimary(problem)
+                raise ReplicationError(problem)
             if response.content_type != protocol.CONTENT_TYPE:
                 raise ReplicationError(f"{url} answered with {response.content_type}, not a stream")
             log.info("connected to primary at %s", url)
@@ -207,6 +214,7 @@ class ReplicaClient:
                     raise HandoffToUs(target)
             elif frame.type is FrameType.END:
                 log.info("primary ended the stream: %s", frame.text)
+                self.lag.heard(time.time())  # it sent all it committed
                 raise StreamEnded(frame.text)
             self.store.replica_heard(current=self.ready.is_set())
 
