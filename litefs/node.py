@@ -584,18 +584,19 @@ class Services:
                 # later; competing before that would only find it still held.
                 await asyncio.wait({change}, timeout=END_TO_RELEASE)
             if change.done() and not _ended(stream) and info.hostname != node.name:
-                self._note_lag_at_loss()
+                self._note_lag_at_loss(client)
         finally:
             for task in (stream, change, caught_up):
                 task.cancel()
             await asyncio.gather(stream, change, caught_up, return_exceptions=True)
             await client.drain()
 
-    def _note_lag_at_loss(self) -> None:
+    def _note_lag_at_loss(self, client: ReplicaClient) -> None:
         """The lease moved without the primary saying END. A replica that
-        had heard nothing from it for longer than a lease can take to run out
-        may have missed commits: it will compete only after the others."""
-        behind = self.lag.behind_at_loss(time.time())
+        had heard nothing from it for longer than a lease can take to run out,
+        or that it was still catching up, may have missed commits: it will
+        compete only after the others."""
+        behind = client.behind_at_loss(time.time())
         leaser = self.node.leaser
         if behind > 2 * leaser.ttl + LAG_MARGIN:
             self._behind_at_loss = behind

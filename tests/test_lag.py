@@ -8,7 +8,9 @@ or leaves it first to nodes that may hold commits it never received.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -73,11 +75,33 @@ def refusing_primary(answer: dict[str, object]) -> web.Application:
     return app
 
 
-def gone_at_after_refusals(tmp_path: Path, answer: dict[str, object]) -> float | None:
-    """Follow a node that answers every stream request with `answer`."""
+def streaming_primary(ready: bool) -> web.Application:
+    """A primary that streams heartbeats, after READY or without it (as while
+    a replica is still catching up)."""
 
-    async def run() -> float | None:
-        runner = web.AppRunner(refusing_primary(answer))
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": protocol.CONTENT_TYPE})
+        await response.prepare(request)
+        if ready:
+            await response.write(protocol.clock_frame(protocol.FrameType.READY, time.time()))
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await response.write(
+                    protocol.clock_frame(protocol.FrameType.HEARTBEAT, time.time())
+                )
+                await asyncio.sleep(0.1)
+        return response
+
+    app = web.Application()
+    app.router.add_post(protocol.STREAM_PATH, stream)
+    return app
+
+
+def follow_for_a_while(tmp_path: Path, app: web.Application) -> ReplicaClient:
+    """A replica client after following the node `app` serves for half a second."""
+
+    async def run() -> ReplicaClient:
+        runner = web.AppRunner(app)
         await runner.setup()
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -86,22 +110,35 @@ def gone_at_after_refusals(tmp_path: Path, answer: dict[str, object]) -> float |
         client = ReplicaClient(store, "replica", Metrics(store))
         following = asyncio.create_task(client.follow(f"http://127.0.0.1:{port}"))
         try:
-            await asyncio.sleep(0.5)  # a few refusals
+            await asyncio.sleep(0.5)
         finally:
             following.cancel()
             await asyncio.gather(following, return_exceptions=True)
             await runner.cleanup()
             store.close()
-        return client.lag.gone_at
+        return client
 
     return asyncio.run(run())
 
 
 def test_a_node_that_says_it_is_not_the_primary_counts_as_gone(tmp_path: Path) -> None:
     answer = {"error": "this node is not the primary", "primary": None}
-    assert gone_at_after_refusals(tmp_path, answer) is not None
+    client = follow_for_a_while(tmp_path, refusing_primary(answer))
+    assert client.lag.gone_at is not None
 
 
 def test_a_primary_that_is_busy_does_not_count_as_gone(tmp_path: Path) -> None:
     answer = {"error": "too many streams (at most 64)"}
-    assert gone_at_after_refusals(tmp_path, answer) is None
+    client = follow_for_a_while(tmp_path, refusing_primary(answer))
+    assert client.lag.gone_at is None
+
+
+def test_a_replica_still_catching_up_missed_commits_whatever_its_clock(tmp_path: Path) -> None:
+    client = follow_for_a_while(tmp_path, streaming_primary(ready=False))
+    client.lag.heard(time.time())  # as a node that just stepped down as primary
+    assert client.behind_at_loss(time.time()) == math.inf
+
+
+def test_a_caught_up_replica_that_hears_heartbeats_missed_nothing(tmp_path: Path) -> None:
+    client = follow_for_a_while(tmp_path, streaming_primary(ready=True))
+    assert client.behind_at_loss(time.time()) == 0.0

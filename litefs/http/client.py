@@ -114,8 +114,20 @@ class ReplicaClient:
         self.ready = asyncio.Event()
         self._applying: asyncio.Future[object] | None = None
         self.connected = False
+        self.served = False
+        """The primary accepted a stream from this client at least once."""
+        self.was_ready = False
+        """The primary said READY on one of this client's streams."""
         self.last_frame = 0.0
         """Monotonic time the last frame arrived (or a file finished applying)."""
+
+    def behind_at_loss(self, now: float) -> float:
+        """Seconds of commits this replica may have missed from its primary,
+        which has just lost its lease. A replica the primary was still
+        catching up missed some, however recent its clock says it is."""
+        if self.served and not self.was_ready:
+            return math.inf
+        return self.lag.behind_at_loss(now)
 
     @property
     def applying(self) -> bool:
@@ -179,6 +191,7 @@ class ReplicaClient:
             log.info("connected to primary at %s", url)
             reader = response.content
             self.connected = True
+            self.served = True
             self.lag.connected()
             try:
                 await self._read_frames(reader, url)
@@ -196,6 +209,7 @@ class ReplicaClient:
                 if not self.ready.is_set():
                     log.info("caught up with primary at %s", url)
                 self.ready.set()
+                self.was_ready = True
                 self._heard(frame)
             elif frame.type is FrameType.HEARTBEAT:
                 if self.ready.is_set():
