@@ -305,7 +305,6 @@ class Services:
         self._resign: asyncio.Event | None = None
         self._handoff_target: str | None = None
         self._handoff_until = 0.0
-        self._client: ReplicaClient | None = None
         self.lag = Lag()
         self._defer_until = 0.0
         self._behind_at_loss = 0.0
@@ -564,7 +563,7 @@ class Services:
         until that primary hands its role to this node."""
         node = self.node
         node.store.set_role(Role.REPLICA, info)
-        client = self._client = ReplicaClient(
+        client = ReplicaClient(
             node.store,
             node.name,
             node.metrics,

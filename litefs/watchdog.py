@@ -10,9 +10,9 @@ mount with it. Only aborting the FUSE connection ends that wait.
 So the daemon starts this watchdog once mounted, in a session of its own.
 It looks at the daemon every fraction of a second; when the daemon is
 dying (killed, or its exit begun) but some thread of it is still not done
-after a grace period, it aborts the connection, and the exit completes. A daemon that stops cleanly
-ends its watchdog before it unmounts; a daemon that is gone (reaped, or a
-zombie with nothing left to close) ends it too.
+after a grace period, it aborts the connection, and the exit completes. A
+daemon that stops cleanly ends its watchdog before it unmounts; a daemon
+that is gone (reaped, or a zombie with nothing left to close) ends it too.
 
 Run as `python -m litefs.watchdog PID CONNECTION`; it imports nothing of
 the daemon's so that it starts in milliseconds.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import math
 import time
@@ -88,8 +89,7 @@ class Lag:
         that has just lost its lease. When the primary was seen to go away,
         it committed nothing after; otherwise (a timeout, a partition) it may
         have committed until now."""
-        lost = self.gone_at if self.gone_at is not None else now
-        return max(0.0, lost - self.current_at - protocol.HEARTBEAT_INTERVAL)
+        return self.behind(self.gone_at if self.gone_at is not None else now)
 
 
 class ReplicaClient:
@@ -181,9 +181,9 @@ class ReplicaClient:
             headers=self.headers,
         ) as response:
             if response.status != 200:
-                text = (await response.text())[:200]
-                problem = f"primary at {url} answered {response.status}: {text}"
-                if response.status == 503 and '"primary"' in text:
+                text = await response.text()
+                problem = f"primary at {url} answered {response.status}: {text[:200]}"
+                if response.status == 503 and _names_a_primary(text):
                     raise NotPrimary(problem)
                 raise ReplicationError(problem)
             if response.content_type != protocol.CONTENT_TYPE:
@@ -291,6 +291,16 @@ class ReplicaClient:
         if header.is_snapshot:
             self.metrics.snapshots.inc()
         self.metrics.applied(name, header.timestamp)
+
+
+def _names_a_primary(text: str) -> bool:
+    """Whether an error answer is the protocol's "not the primary", which
+    carries a `primary` field (the URL it knows of, or null)."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and "primary" in body
 
 
 def _refused_or_closed(exc: BaseException) -> bool:
