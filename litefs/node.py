@@ -225,7 +225,7 @@ class Node:
 
     def _spawn_watchdog(self) -> subprocess.Popen[bytes] | None:
         connection = fuse_connection(self.config.fuse.dir)
-        return watchdog.start(connection) if connection is not None else None
+        return watchdog.start(connection, self.config.fuse.dir) if connection is not None else None
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -14,20 +14,33 @@ after a grace period, it aborts the connection, and the exit completes. A
 daemon that stops cleanly ends its watchdog before it unmounts; a daemon
 that is gone (reaped, or a zombie with nothing left to close) ends it too.
 
-Run as `python -m litefs.watchdog PID CONNECTION`; it imports nothing of
-the daemon's so that it starts in milliseconds.
+It also wakes a daemon whose request loop is stuck. pyfuse3 waits for
+the FUSE device to become readable, then reads it while holding the GIL.
+A request withdrawn in between (its process killed while the daemon was
+stopped) leaves that read blocked until the next request, and every
+other thread of the daemon (HTTP, lease, replication) waits with it. The
+watchdog sees the main thread sitting in that read and sends the missing
+request: a lookup of a name that does not exist.
+
+Run as `python -m litefs.watchdog PID CONNECTION MOUNT`; it imports
+nothing of the daemon's so that it starts in milliseconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 POLL = 0.1
 GRACE = 0.5
+STUCK_READ = 0.3
+_READ = {"x86_64": "0", "aarch64": "63", "i686": "3", "armv7l": "3"}.get(platform.machine(), "0")
 _PF_EXITING = 0x4
 _SIGKILL_BIT = 1 << (9 - 1)
 _DEAD = ("Z", "X")
@@ -82,15 +95,62 @@ def _killed(status: str) -> bool:
     return False
 
 
-def watch(pid: int, connection: int) -> None:
+def reading_fuse(pid: int, proc: Path = Path("/proc")) -> bool:
+    """Whether the main thread is blocked in read() on the FUSE device.
+
+    A healthy daemon reads the device only once it is readable, so the
+    read returns at once; one seen there twice in a row waits for a
+    request that was withdrawn.
+    """
+    try:
+        fields = (proc / str(pid) / "task" / str(pid) / "syscall").read_text().split()
+    except OSError:
+        return False
+    if len(fields) < 2 or fields[0] != _READ:
+        return False  # "running", or another system call
+    try:
+        return os.readlink(proc / str(pid) / "fd" / str(int(fields[1], 16))) == "/dev/fuse"
+    except (OSError, ValueError):
+        return False
+
+
+class Waker:
+    """Sends the mount one request at a time: the lookup runs in a thread,
+    since it waits for the daemon (which may be stopped, not stuck)."""
+
+    def __init__(self, mount: Path) -> None:
+        self.mount = mount
+        self.sent = 0
+        self._pending: threading.Thread | None = None
+
+    def wake(self) -> bool:
+        if self._pending is not None and self._pending.is_alive():
+            return False
+        self.sent += 1
+        name = self.mount / f".litefs-wake-{os.getpid()}-{self.sent}"
+        self._pending = threading.Thread(target=_look_up, args=(name,), daemon=True)
+        self._pending.start()
+        return True
+
+
+def _look_up(path: Path) -> None:
+    with contextlib.suppress(OSError):  # it does not exist: an answer is all it asks
+        os.stat(path)
+
+
+def watch(pid: int, connection: int, mount: Path | None = None, proc: Path = Path("/proc")) -> None:
     since: float | None = None
+    reading_since: float | None = None
+    waker = Waker(mount) if mount is not None else None
     while True:
         time.sleep(POLL)
-        verdict = exiting(pid)
+        verdict = exiting(pid, proc)
         if verdict is None:
             return
         if not verdict:
             since = None
+            if waker is not None:
+                reading_since = _wake_if_stuck(pid, proc, waker, reading_since)
             continue
         now = time.monotonic()
         if since is None:
@@ -109,10 +169,28 @@ def watch(pid: int, connection: int) -> None:
             return
 
 
-def start(connection: int) -> subprocess.Popen[bytes]:
+def _wake_if_stuck(pid: int, proc: Path, waker: Waker, since: float | None) -> float | None:
+    """When the read has lasted STUCK_READ, wake the daemon; the time the
+    read was first seen, or None when the main thread is elsewhere."""
+    if not reading_fuse(pid, proc):
+        return None
+    now = time.monotonic()
+    if since is None:
+        return now
+    if now - since >= STUCK_READ and waker.wake():
+        print(
+            f"litefs watchdog: daemon {pid} sat in a read of its FUSE device for "
+            f"{now - since:.1f}s holding its other threads; sent it a request",
+            file=sys.stderr,
+        )
+        return None
+    return since
+
+
+def start(connection: int, mount: Path) -> subprocess.Popen[bytes]:
     """Watch this process; stderr is shared, nothing else is inherited."""
     return subprocess.Popen(
-        [sys.executable, "-m", "litefs.watchdog", str(os.getpid()), str(connection)],
+        [sys.executable, "-m", "litefs.watchdog", str(os.getpid()), str(connection), str(mount)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         start_new_session=True,
@@ -131,7 +209,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 def main(argv: list[str]) -> int:
     pid, connection = int(argv[0]), int(argv[1])
-    watch(pid, connection)
+    watch(pid, connection, Path(argv[2]) if len(argv) > 2 else None)
     return 0
 
 
