@@ -33,7 +33,15 @@ from litefs.http.client import HandoffToUs, Lag, ReplicaClient
 from litefs.http.limits import raise_descriptor_limit
 from litefs.http.metrics import Metrics
 from litefs.http.server import Server
-from litefs.lease import Lease, LeaseError, LeaseLost, Leaser, PrimaryExists, PrimaryInfo
+from litefs.lease import (
+    Lease,
+    LeaseError,
+    LeaseLost,
+    Leaser,
+    PrimaryExists,
+    PrimaryInfo,
+    Standing,
+)
 from litefs.lease.static import StaticLeaser
 from litefs.mountpoint import fuse_connection, is_mounted, unmount
 from litefs.proxy import Proxy
@@ -64,6 +72,9 @@ behind a frozen primary, all the while the replicas hear nothing."""
 CAUGHT_UP_HEADSTART = 3.0
 """Seconds a replica that trailed its lost primary leaves the lease to the
 others (after any lock-delay): one of them may hold what it missed."""
+STANDING_GATHER = 0.2
+"""Seconds a candidate that has just stated its standing waits for the
+others' before comparing: they noticed the lease free at about the same time."""
 
 
 def make_leaser(lease: LeaseConfig) -> Leaser:
@@ -308,6 +319,11 @@ class Services:
         self.lag = Lag()
         self._defer_until = 0.0
         self._behind_at_loss = 0.0
+        self._stated: Standing | None = None
+        self._deferred_to: dict[str, float] = {}
+        """Candidates this node left the lease to, and the time of the
+        statement it did so on: a candidate that said nothing since and did
+        not take the lease is dead or stuck, and is not waited for again."""
 
     def start(self) -> None:
         """Start the thread and wait until the HTTP port is bound (or failed)."""
@@ -408,6 +424,7 @@ class Services:
             if leaser.candidate:
                 await self._respect_handoff()
                 await self._defer_to_caught_up_candidates()
+                await self._defer_to_fresher_candidates()
                 try:
                     lease = await self._acquire()
                 except PrimaryExists as exc:
@@ -478,6 +495,71 @@ class Services:
             until - time.monotonic(),
         )
         await self._leave_lease(until, lambda current: True)
+
+    async def _defer_to_fresher_candidates(self) -> None:
+        """Leave the lease to a candidate whose state is more recent than
+        this node's: it holds commits of the lost primary this one lacks."""
+        name = self.node.name
+        if self._handoff_target == name:
+            return  # the old primary chose this node; it waits for us
+        mine = self.lag.current_at
+        stated = self._stated
+        if (
+            stated is None
+            or stated.current_at != mine
+            or time.time() - stated.said_at > self._standing_lifetime / 2
+        ):
+            stated = await self._state_standing()
+            if stated is None:
+                return
+        await asyncio.sleep(max(0.0, stated.said_at + STANDING_GATHER - time.time()))
+        try:
+            standings = await self.node.leaser.standings()
+        except LeaseError:
+            return
+        fresher = [other for other in standings if self._worth_waiting_for(other, mine)]
+        if not fresher:
+            return
+        best = max(fresher, key=lambda other: other.current_at)
+        self._deferred_to[best.hostname] = best.said_at
+        log.info(
+            "%s holds %s of the lost primary's commits than this node; leaving the lease to it "
+            "for %.1fs",
+            best.hostname,
+            "more" if math.isinf(mine) else f"{best.current_at - mine:.2f}s more",
+            CAUGHT_UP_HEADSTART,
+        )
+        await self._leave_lease(time.monotonic() + CAUGHT_UP_HEADSTART, lambda current: True)
+
+    def _worth_waiting_for(self, other: Standing, mine: float) -> bool:
+        """Another candidate with more recent state, that spoke in this
+        election (a lease can take twice its TTL to run out, and a Consul
+        lock-delay is spent re-stating) and was not already waited for in
+        vain."""
+        return (
+            other.hostname != self.node.name
+            and other.current_at > mine
+            and time.time() - other.said_at <= self._standing_lifetime
+            and other.said_at > self._deferred_to.get(other.hostname, -math.inf)
+        )
+
+    @property
+    def _standing_lifetime(self) -> float:
+        return 2 * self.node.leaser.ttl + LAG_MARGIN
+
+    async def _state_standing(self) -> Standing | None:
+        """Publish how recent this node's state is; None when the backend
+        holds no elections or cannot be reached (then nobody compares)."""
+        standing = Standing(self.node.name, self.lag.current_at, time.time())
+        try:
+            kept = await self.node.leaser.publish_standing(standing)
+        except LeaseError as exc:
+            log.debug("could not publish this node's standing: %s", exc)
+            return None
+        if not kept:
+            return None
+        self._stated = standing
+        return standing
 
     async def _leave_lease(self, until: float, taken: Callable[[PrimaryInfo], bool]) -> None:
         """Wait until `until` or until the lease is held as `taken` says."""
@@ -576,6 +658,8 @@ class Services:
         caught_up = asyncio.create_task(self._caught_up(client))
         try:
             await asyncio.wait({stream, change}, return_when=asyncio.FIRST_COMPLETED)
+            if change.done() and node.leaser.candidate:
+                await self._state_standing()  # before draining: the others compare soon
             if not stream.done():
                 await self._drain_stream(client, stream)
             elif not change.done() and not _handed_to_us(stream):

@@ -10,6 +10,7 @@ follows, and no acknowledged transaction lost.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import signal
@@ -31,6 +32,7 @@ from node_process import NodeProcess
 from waiting import wait_for
 
 from litefs import ltx
+from litefs.lease import Standing
 
 __all__ = ["etcd_server"]
 
@@ -710,6 +712,75 @@ def test_replica_that_missed_commits_leaves_the_lease_to_one_that_has_them(
         assert txid(caught_up) >= acknowledged
         assert "leaving the lease to caught-up nodes" in lagging.log()
         wait_identical([caught_up, lagging])
+    finally:
+        for node in nodes:
+            cluster.thaw(node)
+
+
+def standing(etcd: EtcdServer, node: NodeProcess) -> Standing | None:
+    """What the node last said about how recent its state is."""
+    key = base64.b64encode(f"litefs/primary/standing/{node.name}".encode()).decode()
+    request = urllib.request.Request(
+        etcd.url + "/v3/kv/range", data=json.dumps({"key": key}).encode(), method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        kvs = json.load(resp).get("kvs") or []
+    return Standing.from_json(base64.b64decode(kvs[0]["value"])) if kvs else None
+
+
+def test_of_two_replicas_the_one_holding_later_commits_wins_the_lease(
+    etcd_server: EtcdServer, start_node: StartNode
+) -> None:
+    # The primary drops a replica that takes no bytes for a second, so a
+    # frozen replica misses what the primary commits meanwhile.
+    settings = {**etcd_lease(etcd_server), "http": {"write-timeout": "1s"}}
+    nodes = [start_node(name, settings=settings) for name in ("node1", "node2", "node3")]
+    cluster = Cluster(etcd_server, nodes)
+    try:
+        old = wait_elected(nodes)
+        old.sqlite(DB, "CREATE TABLE t (x); CREATE TABLE big (b); INSERT INTO t VALUES ('one');")
+        wait_identical(nodes)
+        ahead, behind = cluster.others(old)
+
+        cluster.freeze(behind)
+        old.sqlite(
+            DB,
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200) "
+            "INSERT INTO big SELECT randomblob(100000) FROM n;",
+        )
+        old.sqlite(DB, "INSERT INTO t VALUES ('two');")
+        acknowledged = txid(old)
+        wait_for(lambda: txid(ahead) == acknowledged, SETTLE_TIMEOUT, "the writes on the replica")
+        wait_for(
+            lambda: "dropping replica" in old.log(), SETTLE_TIMEOUT, "the frozen replica dropped"
+        )
+
+        # The replica behind trails by seconds only: too few for it to stand
+        # back on its own. The one ahead says so when the lease moves, then
+        # is slow to go on: the one behind finds the lease free first, and
+        # must leave it anyway.
+        killed_at = time.time()
+        old.kill()
+        cluster.thaw(behind)
+
+        def ahead_stated_since_the_kill() -> bool:
+            said = standing(etcd_server, ahead)
+            return said is not None and said.said_at > killed_at
+
+        wait_for(ahead_stated_since_the_kill, 2 * TTL + 5.0, "the standing of the replica ahead")
+        cluster.freeze(ahead)
+        wait_for(
+            lambda: "leaving the lease to it" in behind.log(),
+            5.0,
+            "the replica behind leaving the lease",
+        )
+        cluster.thaw(ahead)
+
+        assert wait_elected([ahead, behind]) is ahead
+        assert txid(ahead) >= acknowledged
+        wait_identical([ahead, behind])
+        assert rows(behind) == ["one", "two"]
+        assert "leaving the lease to caught-up nodes" not in behind.log()
     finally:
         for node in nodes:
             cluster.thaw(node)

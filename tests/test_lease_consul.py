@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +20,7 @@ from consul_emulator import (
     unique_prefix,
 )
 
-from litefs.lease import LeaseError, LeaseLost, PrimaryExists, PrimaryInfo
+from litefs.lease import LeaseError, LeaseLost, PrimaryExists, PrimaryInfo, Standing
 from litefs.lease.consul import ConsulLeaser, ConsulUnreachable
 
 REAL = real_consul_url() is not None
@@ -449,5 +450,24 @@ def test_an_acquire_that_fails_midway_leaves_no_session_behind() -> None:
         assert len(await cluster.sessions_named(a.hostname)) == 1
         await lease.release()
         assert await cluster.sessions_named(a.hostname) == []
+
+    run(scenario)
+
+
+def test_candidates_read_each_others_latest_standing() -> None:
+    async def scenario(cluster: Cluster) -> None:
+        a, b = cluster.leaser("a"), cluster.leaser("b")
+        assert await a.standings() == []
+        assert await a.publish_standing(Standing(a.hostname, -math.inf, 100.0))
+        assert await b.publish_standing(Standing(b.hostname, 41.5, 101.0))
+        assert await b.publish_standing(Standing(b.hostname, 42.5, 102.0))
+        assert sorted(await a.standings(), key=lambda s: s.hostname) == [
+            Standing(a.hostname, -math.inf, 100.0),
+            Standing(b.hostname, 42.5, 102.0),
+        ]
+        assert await b.primary_info() is None, "standings are not the lease key"
+        lease = await b.acquire()
+        assert await a.primary_info() == b.info
+        await lease.release()
 
     run(scenario)

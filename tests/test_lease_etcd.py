@@ -6,6 +6,7 @@ import asyncio
 import base64
 import itertools
 import json
+import math
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 from etcd_server import EtcdServer, dead_url, etcd_server, shared_etcd_server
 
-from litefs.lease import LeaseError, LeaseLost, PrimaryExists, PrimaryInfo, etcd
+from litefs.lease import LeaseError, LeaseLost, PrimaryExists, PrimaryInfo, Standing, etcd
 from litefs.lease.etcd import EtcdLease, EtcdLeaser, EtcdUnavailable
 
 __all__ = ["etcd_server", "shared_etcd_server"]
@@ -387,5 +388,37 @@ def test_lease_that_ran_out_during_an_outage_is_lost(etcd_server: EtcdServer) ->
                     _, seen = await watcher.next(timeout=PROMPT)
                 assert seen == b.info
                 await second.release()
+
+    run(scenario())
+
+
+def test_candidates_read_each_others_latest_standing(shared_etcd_server: EtcdServer) -> None:
+    async def scenario() -> None:
+        key = unique_key()
+        async with leasers([shared_etcd_server.url], key, "node-a", "node-b") as (a, b):
+            assert await a.standings() == []
+            assert await a.publish_standing(Standing("node-a", -math.inf, 100.0))
+            assert await b.publish_standing(Standing("node-b", 41.5, 101.0))
+            assert await b.publish_standing(Standing("node-b", 42.5, 102.0))
+            assert sorted(await a.standings(), key=lambda s: s.hostname) == [
+                Standing("node-a", -math.inf, 100.0),
+                Standing("node-b", 42.5, 102.0),
+            ]
+            assert await b.primary_info() is None, "standings are not the lease key"
+
+    run(scenario())
+
+
+def test_a_foreign_value_beside_the_standings_is_skipped(shared_etcd_server: EtcdServer) -> None:
+    async def scenario() -> None:
+        key = unique_key()
+        async with leasers([shared_etcd_server.url], key, "node-a") as (a,):
+            etcd_post(
+                shared_etcd_server,
+                "/v3/kv/put",
+                {"key": b64(f"{key}/standing/junk"), "value": b64("not json")},
+            )
+            await a.publish_standing(Standing("node-a", 7.0, 8.0))
+            assert await a.standings() == [Standing("node-a", 7.0, 8.0)]
 
     run(scenario())

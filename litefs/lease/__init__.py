@@ -8,6 +8,11 @@ legitimately hold the lease. Nodes that are not primary learn who is from
 `primary_info()` and follow changes with `watch()`, which blocks on the
 backend (Consul blocking queries, etcd watches) rather than polling.
 
+Candidates also publish their *standing* beside the lease key: how recent
+the state they hold is. When the lease is free, a candidate that sees a
+fresher one leaves the lease to it, so the node that received the most of
+the lost primary's commits is the one that wins.
+
 All methods are coroutines for the asyncio thread; none may block its loop.
 """
 
@@ -16,8 +21,9 @@ from __future__ import annotations
 import abc
 import json
 import logging
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 
@@ -42,6 +48,48 @@ class PrimaryInfo:
         if not isinstance(hostname, str) or not isinstance(url, str):
             raise LeaseError(f"malformed lease value: {raw!r}")
         return cls(hostname, url)
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """How recent a candidate's state is, as it last said."""
+
+    hostname: str
+    current_at: float
+    """The primary's wall-clock time at which the candidate last held all
+    the primary had (-inf: never)."""
+    said_at: float
+    """The candidate's wall-clock time when it said so."""
+
+    def to_json(self) -> bytes:
+        current = self.current_at if math.isfinite(self.current_at) else None
+        return json.dumps(
+            {"hostname": self.hostname, "current-at": current, "said-at": self.said_at}
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Standing:
+        """Parse a published standing; raises `LeaseError` on anything malformed."""
+        try:
+            value = json.loads(raw)
+            hostname, current, said = value["hostname"], value["current-at"], value["said-at"]
+            if not isinstance(hostname, str):
+                raise TypeError(hostname)
+            return cls(hostname, -math.inf if current is None else float(current), float(said))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise LeaseError(f"malformed standing: {raw!r}") from exc
+
+
+def parse_standings(values: Iterable[bytes | str]) -> list[Standing]:
+    """The well-formed standings among values read from a backend: another
+    program's key under the prefix must not stop an election."""
+    standings = []
+    for value in values:
+        try:
+            standings.append(Standing.from_json(value))
+        except LeaseError:
+            continue
+    return standings
 
 
 class LeaseError(Exception):
@@ -118,6 +166,15 @@ class Leaser(abc.ABC):
     @abc.abstractmethod
     def watch(self) -> AsyncIterator[PrimaryInfo | None]:
         """Yield the current primary at once, then again each time it changes."""
+
+    async def publish_standing(self, standing: Standing) -> bool:
+        """Say how recent this candidate's state is, for the others to
+        compare; False when this backend holds no elections (static)."""
+        return False
+
+    async def standings(self) -> list[Standing]:
+        """What the candidates last said; malformed entries are skipped."""
+        return []
 
     async def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release client resources; does not release a held lease."""

@@ -38,6 +38,8 @@ from litefs.lease import (
     Leaser,
     PrimaryExists,
     PrimaryInfo,
+    Standing,
+    parse_standings,
 )
 
 log = logging.getLogger("litefs.lease.consul")
@@ -121,6 +123,7 @@ class ConsulLeaser(Leaser):
         token = token if token is not None else os.environ.get("CONSUL_HTTP_TOKEN")
         self._headers = {"X-Consul-Token": token} if token else {}
         self._kv_path = "/v1/kv/" + urllib.parse.quote(self.key, safe="/")
+        self._standing_path = self._kv_path + "/standing/"
         self._http: aiohttp.ClientSession | None = None
         self._http_loop: asyncio.AbstractEventLoop | None = None
 
@@ -199,6 +202,25 @@ class ConsulLeaser(Leaser):
         if self._http is not None and not self._http.closed:
             await self._http.close()
         self._http = None
+
+    async def publish_standing(self, standing: Standing) -> bool:
+        what = "publish this node's standing"
+        path = self._standing_path + urllib.parse.quote(standing.hostname, safe="")
+        reply = await self._request("PUT", path, what, data=standing.to_json())
+        self._expect(reply, what)
+        return True
+
+    async def standings(self) -> list[Standing]:
+        what = "read the candidates' standings"
+        reply = await self._request("GET", self._standing_path, what, params={"recurse": "true"})
+        if reply.status == 404:
+            return []
+        self._expect(reply, what)
+        body = self._decode(reply, what)
+        if not isinstance(body, list):
+            raise ConsulRequestError(f"consul at {self.url} answered {what} with {body!r}", 200)
+        values = (e.get("Value") for e in body if isinstance(e, dict))
+        return parse_standings(_unbase64(v) for v in values if isinstance(v, str))
 
     # Consul API calls.
 
@@ -388,6 +410,14 @@ def _holder(entry: Mapping[str, Any] | None) -> PrimaryInfo | None:
     except ValueError as exc:
         raise LeaseError(f"malformed lease value: {raw!r} is not base64") from exc
     return PrimaryInfo.from_json(value)
+
+
+def _unbase64(raw: str) -> bytes:
+    """The decoded value; nothing for a malformed one, which the caller skips."""
+    try:
+        return base64.b64decode(raw, validate=True)
+    except ValueError:
+        return b""
 
 
 def _jitter(delay: float) -> float:

@@ -30,6 +30,8 @@ from litefs.lease import (
     Leaser,
     PrimaryExists,
     PrimaryInfo,
+    Standing,
+    parse_standings,
 )
 
 log = logging.getLogger("litefs.lease.etcd")
@@ -410,6 +412,7 @@ class EtcdLeaser(Leaser):
             request_timeout = min(5.0, max(1.0, ttl / 3))
         self.client = _Client(endpoints, request_timeout)
         self._key64 = _b64(key.encode())
+        self._standing_prefix = key.encode() + b"/standing/"
 
     @property
     def endpoints(self) -> list[str]:
@@ -556,6 +559,18 @@ class EtcdLeaser(Leaser):
         except LeaseError as exc:
             log.warning("etcd key %r holds no usable primary: %s", self.key, exc)
             return None
+
+    async def publish_standing(self, standing: Standing) -> bool:
+        key = self._standing_prefix + standing.hostname.encode()
+        body = {"key": _b64(key), "value": _b64(standing.to_json())}
+        await self.client.call("publish standing", "/v3/kv/put", body)
+        return True
+
+    async def standings(self) -> list[Standing]:
+        prefix = self._standing_prefix
+        body = {"key": _b64(prefix), "range_end": _b64(prefix[:-1] + bytes([prefix[-1] + 1]))}
+        answer = await self.client.call("read standings", "/v3/kv/range", body)
+        return parse_standings(_unb64(kv.get("value", "")) for kv in answer.get("kvs") or [])
 
     async def close(self) -> None:
         await self.client.close()
