@@ -23,11 +23,11 @@ $(STAMP): pyproject.toml scripts/install-system-packages
 	touch $(STAMP)
 
 run: install
-	$(PY) -m litefs.cluster
+	$(PY) -m localcluster
 
 lint: install
-	$(VENV)/bin/ruff check litefs tests bench faults
-	$(VENV)/bin/ruff format --check litefs tests bench faults
+	$(VENV)/bin/ruff check litefs localcluster tests bench faults
+	$(VENV)/bin/ruff format --check litefs localcluster tests bench faults
 
 typecheck: install
 	$(VENV)/bin/mypy

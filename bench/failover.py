@@ -25,7 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from litefs.cluster import LocalNode
+from localcluster import LocalNode
 
 RUNS = 3
 TTL = 2.0

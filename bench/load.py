@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.primary import running
 from bench.replication import wait_caught_up
-from litefs.cluster import LocalNode
+from localcluster import LocalNode
 
 Row = tuple[Any, ...]
 

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from litefs.cluster import LocalNode
+from localcluster import LocalNode
 
 REPEATS = 3
 Row = tuple[Any, ...]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.primary import running
-from litefs.cluster import LocalNode, free_port
+from localcluster import LocalNode, free_port
 
 Row = tuple[Any, ...]
 

@@ -29,7 +29,7 @@ from bench.primary import (
     running,
     set_journal_mode,
 )
-from litefs.cluster import LocalNode
+from localcluster import LocalNode
 
 Row = tuple[Any, ...]
 

@@ -21,8 +21,8 @@ from types import ModuleType
 from typing import Any
 
 from faults.network import Bridge
-from litefs.cluster import MOUNT_TIMEOUT, STOP_TIMEOUT
 from litefs.mountpoint import abort_connection, fuse_connection
+from localcluster import MOUNT_TIMEOUT, STOP_TIMEOUT
 
 TTL = 2.0
 KILL_TIMEOUT = 10.0

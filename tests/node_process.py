@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from litefs import ltx, walfile
-from litefs.cluster import LocalNode, free_port
 from litefs.mountpoint import is_mounted
+from localcluster import LocalNode, free_port
 
 __all__ = ["NodeProcess", "free_port", "is_mounted"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from litefs import __version__
-from litefs.cluster import free_port, litefs_command
+from localcluster import free_port, litefs_command
 
 
 def litefs(*args: str) -> subprocess.CompletedProcess[str]:

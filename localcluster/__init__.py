@@ -1,9 +1,10 @@
-"""A LiteFS cluster on this one machine: `python -m litefs.cluster`.
+"""A LiteFS cluster on this one machine: `python -m localcluster`.
 
 Each node is a real `litefs mount` process with its own mount directory, data
 directory and HTTP port, configured with a static lease. `make run` uses this
-to give a working cluster to try; the benchmarks and the end-to-end tests use
-`LocalNode` to start and stop daemons the same way.
+to give a working cluster to try; the benchmarks, the fault campaign and the
+end-to-end tests use `LocalNode` to start and stop daemons the same way. It
+is not part of the `litefs` package: nothing a node runs needs it.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ class LocalNode:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m litefs.cluster",
+        prog="python -m localcluster",
         description="Run a LiteFS cluster of local nodes until interrupted.",
     )
     parser.add_argument("--dir", default=".cluster", help="where nodes keep mounts and data")
@@ -258,7 +259,3 @@ def _print_welcome(nodes: list[LocalNode]) -> None:
     print(f"  {litefs_command()} ltx list {primary.data_dir / 'dbs/my.db/ltx'}/*.ltx")
     print(f"\nLogs: {nodes[0].log_path.parent.parent}/*/litefs.log. Ctrl-C stops every node.")
     sys.stdout.flush()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

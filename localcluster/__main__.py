@@ -1,0 +1,5 @@
+import sys
+
+from localcluster import main
+
+sys.exit(main())
