@@ -45,7 +45,7 @@ from litefs.lease import (
 from litefs.lease.static import StaticLeaser
 from litefs.mountpoint import fuse_connection, is_mounted, unmount
 from litefs.proxy import Proxy
-from litefs.store import NullObserver, Role, Store
+from litefs.store import Change, NullObserver, Role, Store
 
 log = logging.getLogger("litefs")
 
@@ -122,7 +122,7 @@ class Node:
         )
         self.leaser = make_leaser(config.lease)
         self.metrics = Metrics(self.store)
-        self.store.on_commit = self._count_commit
+        self.store.add_listener(self._count_commit)
         self.fs: FileSystem | None = None
         self.name = node_name(config)
         self.ready = threading.Event()
@@ -144,8 +144,9 @@ class Node:
         self.descriptors = raise_descriptor_limit()
         self._services = Services(self)
 
-    def _count_commit(self, name: str) -> None:
-        self.metrics.transactions.labels(name).inc()
+    def _count_commit(self, name: str, change: Change) -> None:
+        if change is Change.COMMITTED:
+            self.metrics.transactions.labels(name).inc()
 
     def run(self) -> int:
         """Mount and serve until SIGINT or SIGTERM; returns the exit status."""

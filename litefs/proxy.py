@@ -36,7 +36,7 @@ from aiohttp import StreamReader, web
 from multidict import CIMultiDict
 
 from litefs.config import ProxyConfig
-from litefs.store import Store
+from litefs.store import Change, Store
 
 log = logging.getLogger("litefs.proxy")
 
@@ -118,7 +118,7 @@ class PositionWatch:
     def stop(self) -> None:
         self.store.remove_listener(self._notice)
 
-    def _notice(self, name: str) -> None:
+    def _notice(self, name: str, change: Change) -> None:
         """Store listener: runs in whichever thread changed the database."""
         if name == self.db and self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake)

@@ -49,8 +49,24 @@ CURRENT_FOR = 2.0
 """Seconds a replica that has applied all it received counts as current
 after it last heard from the primary, which sends a heartbeat every second
 when it has nothing else to send."""
-Listener = Callable[[str], None]
-"""Called with a database name after it changed (commit, creation, removal)."""
+
+
+class Change(Enum):
+    """What happened to a database, for the listeners that tell kinds apart
+    (the commit counter); the replication stream and the proxy take any
+    change as a moment to look at the position again."""
+
+    COMMITTED = "committed"
+    """A transaction captured on this node, as the primary (or imported)."""
+    APPLIED = "applied"
+    """A transaction or snapshot from the primary."""
+    REMOVED = "removed"
+    ROLE = "role"
+    """This node became primary or replica: every database is announced."""
+
+
+Listener = Callable[[str, Change], None]
+"""Called with a database's name and what happened to it."""
 
 
 class MountObserver(Protocol):
@@ -97,7 +113,15 @@ def _reset_wal_index(shm: int, db: Database) -> None:
 
 
 class Store:
-    """The databases under `<data>/dbs` and what this node is allowed to do."""
+    """The databases under `<data>/dbs` and what this node is allowed to do.
+
+    Two parties hear of changes. The mount (`observer`), which the store
+    drives: the kernel must drop what it cached of a file changed behind
+    it, and give back dirty pages before a commit is captured. And
+    listeners (`add_listener`), told the name of each database whose
+    position changed and why: the replication streams, the proxy, the
+    commit counter.
+    """
 
     def __init__(
         self,
@@ -125,8 +149,6 @@ class Store:
         self.commit_deadline = math.inf
         """Monotonic time after which the lease may have passed to another
         node: a commit after it is refused even if the lease loop is late."""
-        self.on_commit: Listener | None = None
-        """Called with a database's name after each transaction it captured."""
         self._heard_at = -math.inf
         self._current = False
         self._current_at = time.monotonic()
@@ -207,7 +229,7 @@ class Store:
                     db.writable = role is Role.PRIMARY
         self.observer.role_changed()
         for db in self.databases():
-            self._notify(db.name)
+            self._notify(db.name, Change.ROLE)
         if not changed:
             return
         log.info(
@@ -267,7 +289,7 @@ class Store:
             db = self._dbs.pop(name)
         db.remove(self.trash_dir)
         log.info("database %s: removed", name)
-        self._notify(name)
+        self._notify(name, Change.REMOVED)
 
     def rename_database(self, old: str, new: str) -> None:
         """Rename a database that has no replicated history (TXID 0)."""
@@ -320,9 +342,7 @@ class Store:
         return time.monotonic() < self.commit_deadline
 
     def committed(self, name: str) -> None:
-        if self.on_commit is not None:
-            self.on_commit(name)
-        self._notify(name)
+        self._notify(name, Change.COMMITTED)
 
     def pull_cached_pages(self, name: str) -> None:
         self.observer.pull_cached_pages(name)
@@ -445,7 +465,7 @@ class Store:
             lock = self._sqlite_lock(name)
             writer = lock.wal_writer() if lock is not None else None
             position = db.apply_ltx(path, self._exclusive(db, lock), writer)
-        self._notify(name)
+        self._notify(name, Change.APPLIED)
         if db is not None and lock is not None:
             self._backfill(db, lock)
         return position
@@ -524,7 +544,7 @@ class Store:
         db.remove(self.trash_dir)
         self.observer.database_removed(name)
         log.info("database %s: dropped, as on the primary", name)
-        self._notify(name)
+        self._notify(name, Change.REMOVED)
 
     # -- retention --------------------------------------------------------
 
@@ -544,10 +564,10 @@ class Store:
         with self._listeners_lock:
             self._listeners.remove(listener)
 
-    def _notify(self, name: str) -> None:
+    def _notify(self, name: str, change: Change) -> None:
         """Listeners only schedule work (they may be called with a database's
         lock held), so they run under a lock of their own."""
         with self._listeners_lock:
             listeners = list(self._listeners)
         for listener in listeners:
-            listener(name)
+            listener(name, change)

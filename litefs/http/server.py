@@ -36,7 +36,7 @@ from litefs.http.metrics import Metrics
 from litefs.http.protocol import FrameType
 from litefs.names import InvalidName, check_new_name
 from litefs.position import EMPTY_POSITION, Position
-from litefs.store import NotPrimary, Store
+from litefs.store import Change, NotPrimary, Store
 
 log = logging.getLogger("litefs.http")
 
@@ -442,8 +442,8 @@ class StreamSession:
         ):
             await asyncio.sleep(0.01)
 
-    def _changed(self, name: str) -> None:
-        """Store listener: runs in whichever thread committed."""
+    def _changed(self, name: str, change: Change) -> None:
+        """Store listener: runs in whichever thread changed the database."""
         self._loop.call_soon_threadsafe(self._mark, name)
 
     def _mark(self, name: str) -> None:
