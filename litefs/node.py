@@ -527,7 +527,7 @@ class Services:
             "%s holds %s of the lost primary's commits than this node; leaving the lease to it "
             "for %.1fs",
             best.hostname,
-            "more" if math.isinf(mine) else f"{best.current_at - mine:.2f}s more",
+            "more" if math.isinf(mine) else f"{(best.current_at - mine) * 1000:.0f} ms more",
             CAUGHT_UP_HEADSTART,
         )
         await self._leave_lease(time.monotonic() + CAUGHT_UP_HEADSTART, lambda current: True)
