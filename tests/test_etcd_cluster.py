@@ -671,32 +671,49 @@ def test_primary_frozen_while_renewing_its_lease_refuses_writes_on_resuming(
     assert rows(old) == ["new primary"]
 
 
-def test_replica_that_missed_commits_leaves_the_lease_to_one_that_has_them(
-    etcd_server: EtcdServer, start_node: StartNode
-) -> None:
-    # The primary drops a replica that takes no bytes for a second, so a
-    # frozen replica misses what the primary commits meanwhile.
+def dropping_cluster(etcd_server: EtcdServer, start_node: StartNode) -> tuple[Cluster, NodeProcess]:
+    """Three nodes, one elected, whose primary drops a replica that takes no
+    bytes for a second: a frozen replica misses what it commits meanwhile."""
     settings = {**etcd_lease(etcd_server), "http": {"write-timeout": "1s"}}
     nodes = [start_node(name, settings=settings) for name in ("node1", "node2", "node3")]
     cluster = Cluster(etcd_server, nodes)
-    try:
-        old = wait_elected(nodes)
-        old.sqlite(DB, "CREATE TABLE t (x); CREATE TABLE big (b); INSERT INTO t VALUES ('one');")
-        wait_identical(nodes)
-        caught_up, lagging = cluster.others(old)
+    old = wait_elected(nodes)
+    old.sqlite(DB, "CREATE TABLE t (x); CREATE TABLE big (b); INSERT INTO t VALUES ('one');")
+    wait_identical(nodes)
+    return cluster, old
 
-        cluster.freeze(lagging)
+
+def miss_commits(
+    cluster: Cluster, primary: NodeProcess, behind: NodeProcess, megabytes: int, then: str = ""
+) -> int:
+    """Freeze `behind` and commit until the primary drops it; the TXID the
+    primary acknowledged, which every other replica has."""
+    rows = megabytes * 10  # of 100 kB each
+    cluster.freeze(behind)
+    primary.sqlite(
+        DB,
+        f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {rows}) "
+        "INSERT INTO big SELECT randomblob(100000) FROM n;" + then,
+    )
+    acknowledged = txid(primary)
+    for node in cluster.others(primary):
+        if node is not behind:
+            wait_for(lambda n=node: txid(n) == acknowledged, SETTLE_TIMEOUT, "the commits")
+    wait_for(
+        lambda: "dropping replica" in primary.log(), SETTLE_TIMEOUT, "the frozen replica dropped"
+    )
+    return acknowledged
+
+
+def test_replica_that_missed_commits_leaves_the_lease_to_one_that_has_them(
+    etcd_server: EtcdServer, start_node: StartNode
+) -> None:
+    cluster, old = dropping_cluster(etcd_server, start_node)
+    nodes = cluster.nodes
+    try:
+        caught_up, lagging = cluster.others(old)
         frozen_at = time.monotonic()
-        old.sqlite(
-            DB,
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 400) "
-            "INSERT INTO big SELECT randomblob(100000) FROM n;",
-        )
-        acknowledged = txid(old)
-        wait_for(lambda: txid(caught_up) == acknowledged, SETTLE_TIMEOUT, "the write on node2")
-        wait_for(
-            lambda: "dropping replica" in old.log(), SETTLE_TIMEOUT, "the frozen replica dropped"
-        )
+        acknowledged = miss_commits(cluster, old, lagging, megabytes=40)
         time.sleep(max(0.0, frozen_at + 2 * TTL + 5.0 - time.monotonic()))
 
         # The caught-up replica cannot act when the lease runs out; the one
@@ -731,28 +748,12 @@ def standing(etcd: EtcdServer, node: NodeProcess) -> Standing | None:
 def test_of_two_replicas_the_one_holding_later_commits_wins_the_lease(
     etcd_server: EtcdServer, start_node: StartNode
 ) -> None:
-    # The primary drops a replica that takes no bytes for a second, so a
-    # frozen replica misses what the primary commits meanwhile.
-    settings = {**etcd_lease(etcd_server), "http": {"write-timeout": "1s"}}
-    nodes = [start_node(name, settings=settings) for name in ("node1", "node2", "node3")]
-    cluster = Cluster(etcd_server, nodes)
+    cluster, old = dropping_cluster(etcd_server, start_node)
+    nodes = cluster.nodes
     try:
-        old = wait_elected(nodes)
-        old.sqlite(DB, "CREATE TABLE t (x); CREATE TABLE big (b); INSERT INTO t VALUES ('one');")
-        wait_identical(nodes)
         ahead, behind = cluster.others(old)
-
-        cluster.freeze(behind)
-        old.sqlite(
-            DB,
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200) "
-            "INSERT INTO big SELECT randomblob(100000) FROM n;",
-        )
-        old.sqlite(DB, "INSERT INTO t VALUES ('two');")
-        acknowledged = txid(old)
-        wait_for(lambda: txid(ahead) == acknowledged, SETTLE_TIMEOUT, "the writes on the replica")
-        wait_for(
-            lambda: "dropping replica" in old.log(), SETTLE_TIMEOUT, "the frozen replica dropped"
+        acknowledged = miss_commits(
+            cluster, old, behind, megabytes=20, then=" INSERT INTO t VALUES ('two');"
         )
 
         # The replica behind trails by seconds only: too few for it to stand

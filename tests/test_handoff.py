@@ -159,17 +159,31 @@ def handoff(primary: NodeProcess, target: NodeProcess) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_transaction_open_across_a_handoff_is_refused_and_leaves_no_trace(
+def primary_and_replica(
     start_node: StartNode, etcd_server: EtcdServer
-) -> None:
-    """Its pages reached the database file (a small cache spills them) and
-    may still sit in the kernel's cache when the node steps down."""
+) -> tuple[NodeProcess, NodeProcess]:
+    """Two nodes on an etcd lease, the primary first, sharing a table `t`
+    holding 'before'."""
     nodes = [start_node(name, settings=etcd_settings(etcd_server)) for name in ("a", "b")]
     wait_for(lambda: sorted(role(n) or "" for n in nodes) == ["primary", "replica"])
     old = next(n for n in nodes if role(n) == "primary")
     new = next(n for n in nodes if n is not old)
     old.sqlite("my.db", "CREATE TABLE t (x); INSERT INTO t VALUES ('before');")
     wait_for(lambda: (new.mount_dir / "my.db-pos").exists())
+    return old, new
+
+
+def same_position(a: NodeProcess, b: NodeProcess) -> bool:
+    return (a.mount_dir / "my.db-pos").read_text() == (b.mount_dir / "my.db-pos").read_text()
+
+
+def test_transaction_open_across_a_handoff_is_refused_and_leaves_no_trace(
+    start_node: StartNode, etcd_server: EtcdServer
+) -> None:
+    """Its pages reached the database file (a small cache spills them) and
+    may still sit in the kernel's cache when the node steps down."""
+    old, new = primary_and_replica(start_node, etcd_server)
+    nodes = [old, new]
 
     conn = sqlite3.connect(old.mount_dir / "my.db", timeout=5, isolation_level=None)
     try:
@@ -190,11 +204,7 @@ def test_transaction_open_across_a_handoff_is_refused_and_leaves_no_trace(
 
     wait_for(lambda: role(new) == "primary")
     new.sqlite("my.db", "INSERT INTO t VALUES ('after');")
-    wait_for(
-        lambda: (
-            (old.mount_dir / "my.db-pos").read_text() == (new.mount_dir / "my.db-pos").read_text()
-        )
-    )
+    wait_for(lambda: same_position(old, new))
     for node in nodes:
         result = node.sqlite("my.db", "PRAGMA integrity_check; SELECT count(*) FROM t;")
         assert result.stdout.split() == ["ok", "2"], node.name
@@ -206,12 +216,8 @@ def test_writer_killed_mid_transaction_across_handoffs_leaves_the_old_primary_wr
     """The writer dies with its journal hot; the node rolls the transaction
     back when it applies the new primary's first file, and takes writes
     again once the role comes back to it."""
-    nodes = [start_node(name, settings=etcd_settings(etcd_server)) for name in ("a", "b")]
-    wait_for(lambda: sorted(role(n) or "" for n in nodes) == ["primary", "replica"])
-    old = next(n for n in nodes if role(n) == "primary")
-    new = next(n for n in nodes if n is not old)
-    old.sqlite("my.db", "CREATE TABLE t (x); INSERT INTO t VALUES ('before');")
-    wait_for(lambda: (new.mount_dir / "my.db-pos").exists())
+    old, new = primary_and_replica(start_node, etcd_server)
+    nodes = [old, new]
 
     writer = subprocess.Popen(
         ["sqlite3", str(old.mount_dir / "my.db")],
@@ -238,19 +244,11 @@ def test_writer_killed_mid_transaction_across_handoffs_leaves_the_old_primary_wr
 
     wait_for(lambda: role(new) == "primary")
     new.sqlite("my.db", "INSERT INTO t VALUES ('after');")
-    wait_for(
-        lambda: (
-            (old.mount_dir / "my.db-pos").read_text() == (new.mount_dir / "my.db-pos").read_text()
-        )
-    )
+    wait_for(lambda: same_position(old, new))
     handoff(new, old)
     wait_for(lambda: role(old) == "primary")
     old.sqlite("my.db", "INSERT INTO t VALUES ('again');")
-    wait_for(
-        lambda: (
-            (old.mount_dir / "my.db-pos").read_text() == (new.mount_dir / "my.db-pos").read_text()
-        )
-    )
+    wait_for(lambda: same_position(old, new))
     for node in nodes:
         result = node.sqlite("my.db", "PRAGMA integrity_check; SELECT x FROM t;")
         assert result.stdout.split() == ["ok", "before", "after", "again"], node.name
