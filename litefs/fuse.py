@@ -596,10 +596,7 @@ class FileSystem(pyfuse3.Operations):
             file = self._owner(node)
             access = os.O_RDWR if flags & os.O_ACCMODE != os.O_RDONLY else os.O_RDONLY
             with _as_fuse_errors():
-                try:
-                    fd = os.open(self._backing(node), access | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    raise self._vanished(node) from None
+                fd = os.open(self._backing(node), access | os.O_CLOEXEC)
         fh = self._next_fh
         self._next_fh += 1
         writable = flags & os.O_ACCMODE != os.O_RDONLY
@@ -696,14 +693,6 @@ class FileSystem(pyfuse3.Operations):
             # other files, which went with it; it holds the directory's lock
             # until this request returns, so they are dropped afterwards.
             threading.Thread(target=self._invalidate_names, args=(path,), daemon=True).start()
-
-    def _vanished(self, node: Inode) -> pyfuse3.FUSEError:
-        """The file went behind the kernel's cached name (a journal the store
-        rolled back when the node stopped being primary): ESTALE makes the
-        kernel look the name up afresh, and an O_CREAT open then creates it."""
-        if self._paths.get(node.path) is node:
-            self._detach(node.path)
-        return _error(errno.ESTALE)
 
     def _detach(self, path: str) -> None:
         node = self._paths.pop(path, None)
