@@ -198,8 +198,12 @@ def take_the_request_that_woke_it(node: NodeProcess, device: int, attempt: int) 
         taker = threading.Thread(target=take_one_request, args=(device,), daemon=True)
         taker.start()
         taker.join(0.05)
+        fed = 0
+        deadline = time.monotonic() + 10.0
         while taker.is_alive():  # the daemon read it first: feed the taker
-            os.path.exists(node.mount_dir / f"fed-{attempt}")
+            assert time.monotonic() < deadline, "no request reached the borrowed device"
+            fed += 1  # a new name each time: a negative entry may be cached
+            os.path.exists(node.mount_dir / f"fed-{attempt}-{fed}")
             taker.join(0.05)
     asker.join(5)
     time.sleep(0.12)  # the watchdog wakes it only after STUCK_READ
