@@ -616,6 +616,7 @@ class Database:
             if not self._resume_clean_stop():
                 self.position = self._last_good_position()
                 if self.applying_path.exists():
+                    self._roll_back_unfinished_journal()
                     self._finish_interrupted_apply()
                 if self.journal.is_hot():
                     self._settle_hot_journal()
@@ -1021,6 +1022,12 @@ class Database:
     def _discard_unfinished_transaction(self) -> None:
         """Roll back what a transaction left when its node stopped being the
         primary mid-way; SQLite's EXCLUSIVE lock is held, so its writer is gone."""
+        self._roll_back_unfinished_journal()
+        self.wal.checkpoint()
+
+    def _roll_back_unfinished_journal(self) -> None:
+        """The journal holds pages as they were before the file about to be
+        applied: played back after it, it would undo part of that file."""
         journal = self.journal
         if journal.active or journal.is_hot():
             log.warning(
@@ -1031,7 +1038,6 @@ class Database:
             journal.active = False
             self._dirty.clear()
             self._size_changed = False
-        self.wal.checkpoint()
 
     # -- retention --------------------------------------------------------
 

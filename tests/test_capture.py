@@ -4,7 +4,9 @@ they write are checked against the database SQLite produced."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -400,3 +402,73 @@ def _in_other_thread(work: Callable[[], object]) -> object:
     if errors:
         raise errors[0]
     return result[0]
+
+
+# -- recovery --------------------------------------------------------------
+
+
+def insert_rows(table: str, count: int) -> str:
+    return (
+        f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {count}) "
+        f"INSERT INTO {table} SELECT randomblob(3000) FROM n"
+    )
+
+
+def torn_by_a_writer(state: bytes, tmp_path: Path) -> tuple[bytes, bytes]:
+    """The database file and hot journal a writer leaves when it dies in a
+    transaction on top of `state` after its small cache spilled pages into
+    the file: every page of table `u`, and 40 rows into `t`."""
+    path = tmp_path / "torn.db"
+    path.write_bytes(state)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA cache_size=2")
+        conn.execute("BEGIN")
+        conn.execute("UPDATE u SET x = randomblob(3000)")
+        conn.execute(insert_rows("t", 40))
+        torn = path.read_bytes()
+        journal = (tmp_path / "torn.db-journal").read_bytes()
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+    assert journal[:8] == JOURNAL_MAGIC and torn != state
+    return torn, journal
+
+
+def test_recovery_rolls_back_a_hot_journal_before_finishing_an_interrupted_apply(
+    tmp_path: Path,
+) -> None:
+    # A primary stepped down with a writer in a transaction; the writer died
+    # and the node was killed while applying the next primary's file, after
+    # naming it in the marker. The journal holds the pages as they were
+    # before that file: played back over the file's pages it would undo them.
+    first, second = sqlite_states(
+        tmp_path,
+        "CREATE TABLE t (x); CREATE TABLE u (x); " + insert_rows("u", 10),
+        insert_rows("t", 30),
+    )
+    primary = Database.create("my.db", tmp_path / "primary")
+    journal_transaction(primary, b"", first, "DELETE")
+    journal_transaction(primary, first, second, "DELETE")
+    (_, _, one), (_, _, two) = primary.ltx_files()
+    replica = Database.create("my.db", tmp_path / "replica")
+    replica.writable = False
+    shutil.copy(one, tmp_path / "incoming.ltx")
+    replica.apply_ltx(tmp_path / "incoming.ltx", contextlib.nullcontext())
+    torn, journal = torn_by_a_writer(first, tmp_path)
+    os.pwrite(replica.fd, torn, 0)
+    replica.journal.path.write_bytes(journal)
+    shutil.copy(two, replica.ltx_dir / two.name)
+    replica.applying_path.write_text(two.name)
+    replica.close()
+
+    reopened = Database("my.db", tmp_path / "replica")
+    reopened.open()
+    try:
+        assert reopened.position == primary.position
+        assert reopened.checksum == primary.position.checksum
+        assert not reopened.journal.path.exists()
+        assert reopened.database_path.read_bytes() == second
+    finally:
+        reopened.close()
+        primary.close()
