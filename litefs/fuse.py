@@ -622,12 +622,24 @@ class FileSystem(pyfuse3.Operations):
                 return os.pwrite(handle.fd, buf, off)
             return await _carry_out(file.write_blocks(off, buf), file.write, handle.fd, off, buf)
         except DatabaseError as exc:
+            if isinstance(exc, ReadOnlyError):
+                self._forget_refused_write(handle.node)
             raise _fuse_error_for(exc) from None
         except OSError as exc:
             raise _error(exc.errno or errno.EIO) from None
         except Exception:
             log.exception("write to %s failed", handle.node.path)
             raise _error(errno.EIO) from None
+
+    def _forget_refused_write(self, node: Inode) -> None:
+        """The kernel keeps what it cached of a write the daemon refused
+        (writeback cache): a journal header refused after a lost lease would
+        read back as a hot journal, and roll the database back to what it
+        was, once the node is primary again. Dropped off the loop, which
+        may have to serve the writes an invalidation flushes."""
+        threading.Thread(
+            target=_quietly, args=(pyfuse3.invalidate_inode, node.ino, False), daemon=True
+        ).start()
 
     async def flush(self, fh: int) -> None:
         # ENOSYS tells the kernel never to send FLUSH again: one request less per close.
@@ -809,6 +821,15 @@ class FileSystem(pyfuse3.Operations):
 
     def role_changed(self) -> None:
         _quietly(pyfuse3.invalidate_entry, pyfuse3.ROOT_INODE, PRIMARY_FILE.encode())
+
+    def forget_cached_pages(self, name: str) -> None:
+        """Drop what the kernel caches of a database and its journal, so
+        that a node about to take writes reads them as they are: a write
+        refused while it was a replica may linger there."""
+        for path in (name, name + "-journal"):
+            node = self._paths.get(path)
+            if node is not None:
+                _quietly(pyfuse3.invalidate_inode, node.ino, False)
 
     def pull_cached_pages(self, name: str) -> None:
         """Invalidating a file makes the kernel write back its dirty pages

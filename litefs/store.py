@@ -85,6 +85,10 @@ class MountObserver(Protocol):
         """Have the kernel write back the database's pages it caches."""
         ...
 
+    def forget_cached_pages(self, name: str) -> None:
+        """Have the kernel drop what it caches of the database and its journal."""
+        ...
+
 
 class NullObserver:
     def database_changed(self, name: str) -> None:
@@ -100,6 +104,9 @@ class NullObserver:
         return None
 
     def pull_cached_pages(self, name: str) -> None:
+        return None
+
+    def forget_cached_pages(self, name: str) -> None:
         return None
 
 
@@ -216,6 +223,9 @@ class Store:
         return self.role is Role.PRIMARY
 
     def set_role(self, role: Role, primary: PrimaryInfo | None) -> None:
+        if role is Role.PRIMARY and not self.is_primary:
+            for db in self.databases():
+                self.observer.forget_cached_pages(db.name)
         with self._lock:
             changed = (role, primary) != (self.role, self.primary)
             self.role = role

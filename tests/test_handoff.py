@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from etcd_server import EtcdServer
 from etcd_server import etcd_server as etcd_server
 from node_process import NodeProcess
 from waiting import wait_for
+
+from litefs.capture.rollback import JOURNAL_MAGIC
 
 pytestmark = pytest.mark.fuse
 
@@ -208,3 +211,64 @@ def test_transaction_open_across_a_handoff_is_refused_and_leaves_no_trace(
     for node in nodes:
         result = node.sqlite("my.db", "PRAGMA integrity_check; SELECT count(*) FROM t;")
         assert result.stdout.split() == ["ok", "2"], node.name
+
+
+def stale_hot_journal(node: NodeProcess, tmp_path: Path) -> bytes:
+    """A hot journal SQLite would make for the database as it is now: an
+    interrupted transaction that rewrote page 1 and the table's pages."""
+    copy = tmp_path / "copy.db"
+    copy.write_bytes((node.mount_dir / "my.db").read_bytes())
+    conn = sqlite3.connect(copy, isolation_level=None)
+    try:
+        conn.execute("PRAGMA cache_size=2")
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO t SELECT randomblob(3000) FROM t")
+        conn.execute("INSERT INTO t SELECT randomblob(3000) FROM t")
+        journal = (tmp_path / "copy.db-journal").read_bytes()
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+    assert journal[:8] == JOURNAL_MAGIC
+    return journal
+
+
+def test_a_journal_header_refused_after_a_lost_lease_is_not_read_back_as_a_hot_journal(
+    start_node: StartNode, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    """With the writeback cache, a writer's journal header may reach the
+    daemon only after the node lost its lease; the daemon refuses it, but
+    the kernel kept the page. Read back as a hot journal once the node is
+    primary again, it would roll the database back to how it was then."""
+    old, new = primary_and_replica(start_node, etcd_server)
+    old.sqlite("my.db", "INSERT INTO t SELECT randomblob(3000) FROM t;" * 2)
+    journal = stale_hot_journal(old, tmp_path)
+    fd = os.open(old.mount_dir / "my.db-journal", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, bytes(8) + journal[8:])  # as SQLite writes it: the magic once synced
+        os.fsync(fd)
+        os.pwrite(fd, journal[:8], 0)  # the kernel keeps it
+        etcd_server.stop()
+        wait_for(lambda: role(old) == "replica")
+        with pytest.raises(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    wait_for(
+        lambda: (old.mount_dir / "my.db-journal").read_bytes()[:8] == bytes(8),
+        what="the refused header dropped from the kernel's cache",
+    )
+
+    etcd_server.start()
+    wait_for(lambda: "primary" in (role(old), role(new)))
+    if role(old) == "primary":
+        handoff(old, new)
+    wait_for(lambda: role(new) == "primary")
+    new.sqlite("my.db", "INSERT INTO t SELECT randomblob(3000) FROM t;")
+    wait_for(lambda: same_position(old, new))
+    handoff(new, old)
+    wait_for(lambda: role(old) == "primary")
+    old.sqlite("my.db", "INSERT INTO t VALUES ('again');")
+    wait_for(lambda: same_position(old, new))
+    for node in (old, new):
+        result = node.sqlite("my.db", "PRAGMA integrity_check; SELECT count(*) FROM t;")
+        assert result.stdout.split() == ["ok", "9"], node.name
