@@ -683,6 +683,7 @@ class Database:
             return
         log.info("database %s: rolling back an uncommitted transaction", self.name)
         _roll_back_journal(self.path, self.database_path, self.journal_path)
+        self.journal_path.unlink()
 
     def _load_checksums(self) -> None:
         size = os.fstat(self.fd).st_size
@@ -1035,6 +1036,10 @@ class Database:
             )
             if journal.is_hot():
                 _roll_back_journal(self.path, self.database_path, journal.path)
+                # Emptied, not removed: the kernel may hold its name, and
+                # SQLite's next open(O_CREAT) of the journal would reach a
+                # vanished file.
+                os.truncate(journal.path, 0)
             journal.active = False
             self._dirty.clear()
             self._size_changed = False
@@ -1131,7 +1136,6 @@ def _roll_back_journal(directory: Path, database: Path, journal: Path) -> None:
             conn.close()
         if journal_is_hot(scratch / "db-journal"):
             raise RecoveryError(f"SQLite left the journal of {directory.name} hot")
-        journal.unlink()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -791,8 +791,9 @@ class FileSystem(pyfuse3.Operations):
     # Called from worker and HTTP threads, never from the FUSE loop's.
 
     def database_changed(self, name: str) -> None:
-        """The database was applied to, and its WAL perhaps emptied."""
-        for path in (name, name + "-wal"):
+        """The database was applied to, its WAL perhaps emptied, and its
+        journal perhaps played back."""
+        for path in (name, name + "-wal", name + "-journal"):
             node = self._paths.get(path)
             if node is not None:
                 _quietly(pyfuse3.invalidate_inode, node.ino, False)

@@ -272,3 +272,59 @@ def test_a_journal_header_refused_after_a_lost_lease_is_not_read_back_as_a_hot_j
     for node in (old, new):
         result = node.sqlite("my.db", "PRAGMA integrity_check; SELECT count(*) FROM t;")
         assert result.stdout.split() == ["ok", "9"], node.name
+
+
+def test_writer_killed_mid_transaction_across_handoffs_leaves_the_old_primary_writable(
+    start_node: StartNode, etcd_server: EtcdServer
+) -> None:
+    """The writer dies with its journal hot; the node rolls the transaction
+    back when it applies the new primary's first file, and takes writes
+    again once the role comes back to it."""
+    nodes = [start_node(name, settings=etcd_settings(etcd_server)) for name in ("a", "b")]
+    wait_for(lambda: sorted(role(n) or "" for n in nodes) == ["primary", "replica"])
+    old = next(n for n in nodes if role(n) == "primary")
+    new = next(n for n in nodes if n is not old)
+    old.sqlite("my.db", "CREATE TABLE t (x); INSERT INTO t VALUES ('before');")
+    wait_for(lambda: (new.mount_dir / "my.db-pos").exists())
+
+    writer = subprocess.Popen(
+        ["sqlite3", str(old.mount_dir / "my.db")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert writer.stdin is not None
+        writer.stdin.write(
+            b"PRAGMA cache_size=10; BEGIN; "
+            b"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300) "
+            b"INSERT INTO t SELECT randomblob(3000) FROM n;\n"
+        )
+        writer.stdin.flush()
+        journal = old.mount_dir / "my.db-journal"
+        wait_for(lambda: journal.exists() and journal.stat().st_size > 0, what="a hot journal")
+        time.sleep(0.3)
+        handoff(old, new)
+        wait_for(lambda: role(old) == "replica")
+    finally:
+        writer.kill()
+        writer.wait()
+
+    wait_for(lambda: role(new) == "primary")
+    new.sqlite("my.db", "INSERT INTO t VALUES ('after');")
+    wait_for(
+        lambda: (
+            (old.mount_dir / "my.db-pos").read_text() == (new.mount_dir / "my.db-pos").read_text()
+        )
+    )
+    handoff(new, old)
+    wait_for(lambda: role(old) == "primary")
+    old.sqlite("my.db", "INSERT INTO t VALUES ('again');")
+    wait_for(
+        lambda: (
+            (old.mount_dir / "my.db-pos").read_text() == (new.mount_dir / "my.db-pos").read_text()
+        )
+    )
+    for node in nodes:
+        result = node.sqlite("my.db", "PRAGMA integrity_check; SELECT x FROM t;")
+        assert result.stdout.split() == ["ok", "before", "after", "again"], node.name
