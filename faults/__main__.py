@@ -1,8 +1,10 @@
-"""`python -m faults [-faults N] [-seed S] [-keep DIR]`: run the fault campaign.
+"""`python -m faults [-faults N] [-seed S] [-keep DIR] [-check-each]`: run the fault campaign.
 
 Prints progress on stderr and one summary line on stdout; the exit status is
 1 when any commit was accepted twice for one TXID, any history is corrupt, or
-any node diverged once healed.
+any node diverged once healed; with `-check-each`, also as soon as a node's
+database reads as damaged after a fault, leaving the cluster's logs ending
+where the damage began.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from faults.campaign import Campaign
+from faults.campaign import Campaign, DamageFound
 from faults.cluster import DB, Cluster
 from faults.network import NetworkError
 from faults.verdict import judge
@@ -39,6 +41,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("-seed", type=int, default=None, help="random seed (printed if not given)")
     parser.add_argument("-keep", default=None, help="keep data, mounts' dirs and logs here")
+    parser.add_argument(
+        "-check-each",
+        action="store_true",
+        help="quick_check every node after each fault; stop at the first damage",
+    )
     return parser.parse_args(argv)
 
 
@@ -79,9 +86,16 @@ def main(argv: list[str] | None = None) -> int:
         for thread in threads:
             thread.start()
         time.sleep(WARM_UP)
-        campaign = Campaign(cluster, random.Random(seed), partitions=True)
+        campaign = Campaign(
+            cluster, random.Random(seed), partitions=True, check_each=args.check_each
+        )
         since = time.monotonic()
-        campaign.run(args.faults, progress)
+        try:
+            campaign.run(args.faults, progress)
+        except DamageFound as exc:
+            progress(f"damage {exc}")
+            print(f"faults={len(campaign.faults)} damaged: {exc}", flush=True)
+            return 1
         until = time.monotonic()
         for thread in threads:
             thread.stopping.set()

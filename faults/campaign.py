@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from faults.cluster import TTL, Cluster, Node
+from faults.workload import READ_DEADLINE, run_sqlite
 
 SETTLE_TIMEOUT = 30.0
 QUIET = (0.3, 1.2)
@@ -43,12 +44,35 @@ KINDS = (
 )
 
 
+DAMAGE = ("malformed", "in database main", "invalid page", "never used")
+"""What `quick_check` and a failed read print for a damaged database."""
+
+
+class DamageFound(Exception):
+    """A node's database read as damaged right after a fault settled."""
+
+
+def damage_seen(node: Node) -> str | None:
+    """What a quick check through the node's mount says is wrong, or None.
+    A node that is down or busy says nothing here."""
+    result = run_sqlite(node, "PRAGMA quick_check;", READ_DEADLINE, readonly=True)
+    if result is None:
+        return None
+    said = (result.stdout + result.stderr).strip()
+    return said[:400] if any(word in said for word in DAMAGE) else None
+
+
 class Campaign:
-    def __init__(self, cluster: Cluster, rng: random.Random, partitions: bool) -> None:
+    def __init__(
+        self, cluster: Cluster, rng: random.Random, partitions: bool, *, check_each: bool = False
+    ) -> None:
         self.cluster = cluster
         self.rng = rng
         self.kinds = [kind for kind in KINDS if partitions or kind != "partition"]
         self.faults: list[Fault] = []
+        self.check_each = check_each
+        """Check every node's database after each fault, and stop at the first
+        damage with the cluster as it stands: the logs then end where it began."""
 
     def run(self, count: int, progress: Callable[[str], None]) -> None:
         for number in range(1, count + 1):
@@ -61,6 +85,14 @@ class Campaign:
                 f"{fault.end - fault.start:.1f}s{'' if fault.settled else ' NOT SETTLED'}"
             )
             time.sleep(self.rng.uniform(*QUIET))
+            if self.check_each:
+                self._check(number)
+
+    def _check(self, number: int) -> None:
+        for node in self.cluster.nodes:
+            damage = damage_seen(node)
+            if damage is not None:
+                raise DamageFound(f"after fault {number}, {node.name} reads: {damage}")
 
     def inject(self, kind: str) -> Fault:
         cluster = self.cluster

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from faults.campaign import Fault
+import sqlite3
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from faults.campaign import Fault, damage_seen
+from faults.cluster import DB
 from faults.verdict import failovers, lost_commit_age, split_brain, unavailable
 from faults.workload import Ack, check_replica_read
 
@@ -61,3 +67,29 @@ def test_a_replica_read_breaking_the_invariants_says_which() -> None:
     problems = check_replica_read(output, 4)
     assert len(problems) == 3
     assert check_replica_read("*** in database main ***\n", 4)[0].startswith("quick_check")
+
+
+def node_with_database(tmp_path: Path, keep_pages: int | None) -> Any:
+    """A node whose mount holds a 20-page database, cut to `keep_pages`."""
+    path = tmp_path / DB
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (x)")
+    conn.executemany("INSERT INTO t VALUES (randomblob(3000))", [()] * 16)
+    conn.commit()
+    conn.close()
+    if keep_pages is not None:
+        with open(path, "r+b") as f:
+            f.truncate(keep_pages * 4096)
+    return SimpleNamespace(mount_dir=tmp_path)
+
+
+def test_a_healthy_database_shows_no_damage(tmp_path: Path) -> None:
+    assert damage_seen(node_with_database(tmp_path, None)) is None
+
+
+def test_a_database_cut_short_shows_damage(tmp_path: Path) -> None:
+    assert damage_seen(node_with_database(tmp_path, 10)) is not None
+
+
+def test_a_node_without_its_database_shows_no_damage(tmp_path: Path) -> None:
+    assert damage_seen(SimpleNamespace(mount_dir=tmp_path)) is None
