@@ -213,6 +213,18 @@ def test_transaction_open_across_a_handoff_is_refused_and_leaves_no_trace(
         assert result.stdout.split() == ["ok", "2"], node.name
 
 
+def commit_then_hand_back(primary: NodeProcess, old: NodeProcess, statement: str) -> None:
+    """`primary` commits `statement`, then hands the role back to `old`,
+    which commits 'again'; both end at the same position."""
+    wait_for(lambda: role(primary) == "primary")
+    primary.sqlite("my.db", statement)
+    wait_for(lambda: same_position(old, primary))
+    handoff(primary, old)
+    wait_for(lambda: role(old) == "primary")
+    old.sqlite("my.db", "INSERT INTO t VALUES ('again');")
+    wait_for(lambda: same_position(old, primary))
+
+
 def stale_hot_journal(node: NodeProcess, tmp_path: Path) -> bytes:
     """A hot journal SQLite would make for the database as it is now: an
     interrupted transaction that rewrote page 1 and the table's pages."""
@@ -262,13 +274,7 @@ def test_a_journal_header_refused_after_a_lost_lease_is_not_read_back_as_a_hot_j
     wait_for(lambda: "primary" in (role(old), role(new)))
     if role(old) == "primary":
         handoff(old, new)
-    wait_for(lambda: role(new) == "primary")
-    new.sqlite("my.db", "INSERT INTO t SELECT randomblob(3000) FROM t;")
-    wait_for(lambda: same_position(old, new))
-    handoff(new, old)
-    wait_for(lambda: role(old) == "primary")
-    old.sqlite("my.db", "INSERT INTO t VALUES ('again');")
-    wait_for(lambda: same_position(old, new))
+    commit_then_hand_back(new, old, "INSERT INTO t SELECT randomblob(3000) FROM t;")
     for node in (old, new):
         result = node.sqlite("my.db", "PRAGMA integrity_check; SELECT count(*) FROM t;")
         assert result.stdout.split() == ["ok", "9"], node.name
@@ -280,13 +286,7 @@ def test_writer_killed_mid_transaction_across_handoffs_leaves_the_old_primary_wr
     """The writer dies with its journal hot; the node rolls the transaction
     back when it applies the new primary's first file, and takes writes
     again once the role comes back to it."""
-    nodes = [start_node(name, settings=etcd_settings(etcd_server)) for name in ("a", "b")]
-    wait_for(lambda: sorted(role(n) or "" for n in nodes) == ["primary", "replica"])
-    old = next(n for n in nodes if role(n) == "primary")
-    new = next(n for n in nodes if n is not old)
-    old.sqlite("my.db", "CREATE TABLE t (x); INSERT INTO t VALUES ('before');")
-    wait_for(lambda: (new.mount_dir / "my.db-pos").exists())
-
+    old, new = primary_and_replica(start_node, etcd_server)
     writer = subprocess.Popen(
         ["sqlite3", str(old.mount_dir / "my.db")],
         stdin=subprocess.PIPE,
@@ -310,21 +310,7 @@ def test_writer_killed_mid_transaction_across_handoffs_leaves_the_old_primary_wr
         writer.kill()
         writer.wait()
 
-    wait_for(lambda: role(new) == "primary")
-    new.sqlite("my.db", "INSERT INTO t VALUES ('after');")
-    wait_for(
-        lambda: (
-            (old.mount_dir / "my.db-pos").read_text() == (new.mount_dir / "my.db-pos").read_text()
-        )
-    )
-    handoff(new, old)
-    wait_for(lambda: role(old) == "primary")
-    old.sqlite("my.db", "INSERT INTO t VALUES ('again');")
-    wait_for(
-        lambda: (
-            (old.mount_dir / "my.db-pos").read_text() == (new.mount_dir / "my.db-pos").read_text()
-        )
-    )
-    for node in nodes:
+    commit_then_hand_back(new, old, "INSERT INTO t VALUES ('after');")
+    for node in (old, new):
         result = node.sqlite("my.db", "PRAGMA integrity_check; SELECT x FROM t;")
         assert result.stdout.split() == ["ok", "before", "after", "again"], node.name
