@@ -1030,11 +1030,12 @@ class Database:
         """The journal holds pages as they were before the file about to be
         applied: played back after it, it would undo part of that file."""
         journal = self.journal
-        if journal.active or journal.is_hot():
+        hot = journal.is_hot()
+        if journal.active or hot:
             log.warning(
                 "database %s: rolling back a transaction the primary never committed", self.name
             )
-            if journal.is_hot():
+            if hot:
                 _roll_back_journal(self.path, self.database_path, journal.path)
                 # Emptied, not removed: the kernel may hold its name, and
                 # SQLite's next open(O_CREAT) of the journal would reach a

@@ -793,10 +793,7 @@ class FileSystem(pyfuse3.Operations):
     def database_changed(self, name: str) -> None:
         """The database was applied to, its WAL perhaps emptied, and its
         journal perhaps played back."""
-        for path in (name, name + "-wal", name + "-journal"):
-            node = self._paths.get(path)
-            if node is not None:
-                _quietly(pyfuse3.invalidate_inode, node.ino, False)
+        self._drop_cached_pages(name, name + "-wal", name + "-journal")
         node = self._paths.get(name)
         if node is not None:
             self._announce_size(node)
@@ -827,10 +824,7 @@ class FileSystem(pyfuse3.Operations):
         """Drop what the kernel caches of a database and its journal, so
         that a node about to take writes reads them as they are: a write
         refused while it was a replica may linger there."""
-        for path in (name, name + "-journal"):
-            node = self._paths.get(path)
-            if node is not None:
-                _quietly(pyfuse3.invalidate_inode, node.ino, False)
+        self._drop_cached_pages(name, name + "-journal")
 
     def pull_cached_pages(self, name: str) -> None:
         """Invalidating a file makes the kernel write back its dirty pages
@@ -840,9 +834,14 @@ class FileSystem(pyfuse3.Operations):
         very request that asked for the pages: an unlink.)"""
         if trio.lowlevel.in_trio_run():
             raise RuntimeError("cached pages pulled from the FUSE loop would never arrive")
-        node = self._paths.get(name)
-        if node is not None:
-            _quietly(pyfuse3.invalidate_inode, node.ino, False)
+        self._drop_cached_pages(name)
+
+    def _drop_cached_pages(self, *paths: str) -> None:
+        """Have the kernel drop its pages of the files it knows by these paths."""
+        for path in paths:
+            node = self._paths.get(path)
+            if node is not None:
+                _quietly(pyfuse3.invalidate_inode, node.ino, False)
 
     def _invalidate_names(self, name: str) -> None:
         """Drop cached lookups (negative ones too) of a database, its
