@@ -159,6 +159,10 @@ class FileSystem(pyfuse3.Operations):
         self._handles: dict[int, Handle | DirectoryListing] = {}
         self._changed_directories: set[str] = set()
         """Directories of the mount with entries not yet synced."""
+        self._forgetting: dict[int, bool] = {}
+        """Inodes whose cached pages are being dropped after a failed write:
+        whether another write failed since the drop began."""
+        self._forgetting_lock = threading.Lock()
         self._next_ino = _first_inode_number()
         self._next_fh = 1
         root = Inode(pyfuse3.ROOT_INODE, Kind.DIRECTORY, "", "")
@@ -622,24 +626,36 @@ class FileSystem(pyfuse3.Operations):
                 return os.pwrite(handle.fd, buf, off)
             return await _carry_out(file.write_blocks(off, buf), file.write, handle.fd, off, buf)
         except DatabaseError as exc:
-            if isinstance(exc, ReadOnlyError):
-                self._forget_refused_write(handle.node)
-            raise _fuse_error_for(exc) from None
+            error = _fuse_error_for(exc)
         except OSError as exc:
-            raise _error(exc.errno or errno.EIO) from None
+            error = _error(exc.errno or errno.EIO)
         except Exception:
             log.exception("write to %s failed", handle.node.path)
-            raise _error(errno.EIO) from None
+            error = _error(errno.EIO)
+        self._forget_failed_write(handle.node.ino)
+        raise error
 
-    def _forget_refused_write(self, node: Inode) -> None:
-        """The kernel keeps what it cached of a write the daemon refused
-        (writeback cache): a journal header refused after a lost lease would
-        read back as a hot journal, and roll the database back to what it
-        was, once the node is primary again. Dropped off the loop, which
-        may have to serve the writes an invalidation flushes."""
-        threading.Thread(
-            target=_quietly, args=(pyfuse3.invalidate_inode, node.ino, False), daemon=True
-        ).start()
+    def _forget_failed_write(self, ino: int) -> None:
+        """The kernel keeps what it cached of a write that failed here
+        (writeback cache), refused after a lost lease or lacking disk space:
+        read back, a journal header that never reached the disk looks hot,
+        and the next writer rolls the database back to what the header says.
+        Dropped off the loop, which may have to serve the writes an
+        invalidation flushes; a failure meanwhile has it dropped again."""
+        with self._forgetting_lock:
+            again = ino in self._forgetting
+            self._forgetting[ino] = again
+        if not again:
+            threading.Thread(target=self._drop_failed_pages, args=(ino,), daemon=True).start()
+
+    def _drop_failed_pages(self, ino: int) -> None:
+        while True:
+            _quietly(pyfuse3.invalidate_inode, ino, False)
+            with self._forgetting_lock:
+                if not self._forgetting[ino]:
+                    del self._forgetting[ino]
+                    return
+                self._forgetting[ino] = False
 
     async def flush(self, fh: int) -> None:
         # ENOSYS tells the kernel never to send FLUSH again: one request less per close.

@@ -33,6 +33,7 @@ BIG_INSERT = (
 )
 DISK_FULL = ("database or disk is full", "disk I/O error")
 ROOM_FOR_SQLITE_NOT_LTX = 300 << 10
+JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")
 
 
 class SmallDisk:
@@ -174,4 +175,38 @@ def test_replica_that_cannot_even_store_a_file_retries_until_space_is_freed(
             assert rows(replica) == 1 + ROWS
         finally:
             replica.cleanup()
+            primary.cleanup()
+
+
+def test_a_journal_write_that_failed_on_a_full_disk_is_not_read_back_as_a_hot_journal(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    """With the writeback cache the kernel keeps a page whose write failed.
+    A journal header that never reached the disk, read back from the
+    kernel's copy, would look hot to the next writer and roll back a
+    database that never changed."""
+    with small_disk(tmp_path / "primary") as disk:
+        primary = start_node("primary")
+        try:
+            primary.sqlite(DB, "CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            journal = primary.mount_dir / (DB + "-journal")
+            disk.fill(leave=0)
+            fd = os.open(journal, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, JOURNAL_MAGIC + bytes(4096 - len(JOURNAL_MAGIC)))
+                with pytest.raises(OSError):
+                    os.fsync(fd)
+            finally:
+                with contextlib.suppress(OSError):  # close reports the failed write again
+                    os.close(fd)
+            wait_for(
+                lambda: not journal.read_bytes().startswith(JOURNAL_MAGIC),
+                what="the failed header dropped from the kernel's cache",
+            )
+
+            disk.free()
+            primary.sqlite(DB, "INSERT INTO t VALUES (2);")
+            assert primary.sqlite(DB, "SELECT x FROM t;").stdout.split() == ["1", "2"]
+            assert_intact(primary, tmp_path)
+        finally:
             primary.cleanup()
