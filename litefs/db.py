@@ -128,7 +128,13 @@ class MainFile:
     def truncate_blocks(self, size: int) -> bool:
         return False
 
-    def remove(self, wait: bool = True) -> None:
+    def exists(self) -> bool:
+        return True
+
+    def create(self, mode: int, uid: int, gid: int) -> bool:
+        raise NotPermitted("a database is created through its store")
+
+    def remove(self, wait: bool = True, *, in_use: bool = False) -> None:
         raise NotPermitted("a database is removed through its store")
 
     def remove_blocks(self) -> bool:

@@ -38,6 +38,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from enum import Enum
+from functools import partial
 from operator import attrgetter
 from pathlib import Path
 from typing import TypeVar
@@ -128,11 +129,15 @@ class Handle:
 
 
 class DirectoryListing:
-    __slots__ = ("entries", "path")
+    """An open directory. Its entries are read at the first `readdir`:
+    SQLite opens a directory only to sync it."""
 
-    def __init__(self, path: str, entries: list[tuple[bytes, Inode]]) -> None:
-        self.path = path
-        self.entries = entries
+    __slots__ = ("directory", "entries", "path")
+
+    def __init__(self, directory: Inode) -> None:
+        self.directory = directory
+        self.path = directory.path
+        self.entries: list[tuple[bytes, Inode]] | None = None
 
 
 def _error(code: int) -> pyfuse3.FUSEError:
@@ -159,6 +164,8 @@ class FileSystem(pyfuse3.Operations):
         self._handles: dict[int, Handle | DirectoryListing] = {}
         self._changed_directories: set[str] = set()
         """Directories of the mount with entries not yet synced."""
+        self._unsynced_names: set[str] = set()
+        """Databases whose journal or WAL got a new name not yet synced."""
         self._forgetting: dict[int, bool] = {}
         """Inodes whose cached pages are being dropped after a failed write:
         whether another write failed since the drop began."""
@@ -206,11 +213,10 @@ class FileSystem(pyfuse3.Operations):
         for suffix, kind in SUFFIXES:
             if name.endswith(suffix) and len(name) > len(suffix):
                 base = path[: -len(suffix)]
-                if store.database(base) is None:
+                db = store.database(base)
+                if db is None:
                     break
-                if kind is Kind.POSITION or os.path.exists(
-                    self.dbs_dir / base / BACKING_NAMES[kind]
-                ):
+                if kind is Kind.POSITION or OWNERS[kind](db).exists():
                     return kind, path, base
                 break  # a database may bear the name (made while `base` did not exist)
         if store.database(path) is not None:
@@ -405,9 +411,11 @@ class FileSystem(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._directory(inode)
+        if not os.path.isdir(self.dbs_dir / node.path):
+            raise _error(errno.ENOENT)
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = DirectoryListing(node.path, self._list(node))
+        self._handles[fh] = DirectoryListing(node)
         return fh
 
     def _list(self, directory: Inode) -> list[tuple[bytes, Inode]]:
@@ -421,16 +429,15 @@ class FileSystem(pyfuse3.Operations):
             if not entry.is_dir(follow_symlinks=False):
                 continue
             path = _join(parent, entry.name)
-            if self.store.database(path) is None:
+            db = self.store.database(path)
+            if db is None:
                 entries.append((os.fsencode(entry.name), self._node_for(path, Kind.DIRECTORY, "")))
                 continue
             entries.append((os.fsencode(entry.name), self._node_for(path, Kind.DATABASE, path)))
             for suffix, kind in SUFFIXES:
                 # `-pos` is found by name but not listed, so that copying
                 # `my.db*` copies SQLite's files and no generated one.
-                if kind is not Kind.POSITION and os.path.exists(
-                    os.path.join(entry.path, BACKING_NAMES[kind])
-                ):
+                if kind is not Kind.POSITION and OWNERS[kind](db).exists():
                     name = entry.name + suffix
                     node = self._node_for(_join(parent, name), kind, path)
                     entries.append((os.fsencode(name), node))
@@ -443,6 +450,8 @@ class FileSystem(pyfuse3.Operations):
         listing = self._handles[fh]
         assert isinstance(listing, DirectoryListing)
         entries = listing.entries
+        if entries is None:
+            entries = listing.entries = self._list(listing.directory)
         for index in range(start_id, len(entries)):
             name, node = entries[index]
             try:
@@ -457,9 +466,11 @@ class FileSystem(pyfuse3.Operations):
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         """Make the directory's entries durable: SQLite asks for this right
-        after creating a journal, which lives in its database's directory.
-        The directory itself is synced only when a database or directory
-        in it came or went since, which a journal's creation does not do."""
+        after creating a journal or WAL, which lives in its database's
+        directory. The mount's directory is synced only when a database or
+        directory in it came or went since, which a journal's creation does
+        not do; a journal's directory only when the journal got a new name
+        (an emptied journal is reused, and its name is durable already)."""
         listing = self._handles.get(fh)
         if not isinstance(listing, DirectoryListing):
             return
@@ -467,11 +478,11 @@ class FileSystem(pyfuse3.Operations):
         if listing.path in self._changed_directories:
             self._changed_directories.discard(listing.path)
             directories.append(self.dbs_dir / listing.path)
-        for _name, inode in listing.entries:
-            if inode.kind is Kind.JOURNAL or inode.kind is Kind.WAL:
-                directories.append(self.dbs_dir / inode.db_name)
+        names = [n for n in self._unsynced_names if n.rpartition("/")[0] == listing.path]
+        directories += [self.dbs_dir / name for name in names]
         with _as_fuse_errors():
             _sync_directories(directories)
+        self._unsynced_names.difference_update(names)
 
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
@@ -531,13 +542,10 @@ class FileSystem(pyfuse3.Operations):
                 self._changed_directories.add(parent.path)
                 self._forget_missing_position(parent.ino, text)
             else:
-                OWNERS[kind](self._database_named(db_name)).check_writable()
-                backing = self.dbs_dir / db_name / BACKING_NAMES[kind]
-                fd = os.open(backing, os.O_RDWR | os.O_CREAT | os.O_EXCL, permissions)
-                try:
-                    os.fchown(fd, ctx.uid, ctx.gid)
-                finally:
-                    os.close(fd)
+                file = OWNERS[kind](self._database_named(db_name))
+                file.check_writable()
+                if file.create(permissions, ctx.uid, ctx.gid):
+                    self._unsynced_names.add(db_name)
         node = self._node_for(path, kind, db_name)
         node.unlinked = False
         fh = self._open_handle(node, flags, ctx)
@@ -712,7 +720,9 @@ class FileSystem(pyfuse3.Operations):
                 self._changed_directories.add(parent.path)
             else:
                 file = OWNERS[kind](self._database_named(db_name))
-                await _carry_out(file.remove_blocks(), file.remove)
+                node = self._paths.get(path)
+                in_use = node is not None and node.opens > 0
+                await _carry_out(file.remove_blocks(), partial(file.remove, in_use=in_use))
         self._detach(path)
         if kind is Kind.DATABASE:
             for suffix, _ in SUFFIXES:

@@ -129,6 +129,62 @@ def test_replica_refuses_to_begin_a_journal_transaction(db: Database) -> None:
         os.close(fd)
 
 
+def test_a_deleted_journal_is_kept_emptied_and_reused_by_the_next_transaction(
+    db: Database, tmp_path: Path
+) -> None:
+    first, second = sqlite_states(tmp_path, "CREATE TABLE t (x)", "INSERT INTO t VALUES (1)")
+    journal = db.journal
+    assert not journal.exists()
+    assert journal.create(0o640, os.getuid(), os.getgid())  # a new name, to be synced
+    journal_transaction(db, b"", first, "DELETE")
+    assert not journal.exists()
+    assert journal.path.stat().st_size == 0
+    assert not journal.is_hot()
+
+    assert not journal.create(0o600, os.getuid(), os.getgid())  # its name is durable already
+    assert journal.exists()
+    assert journal.path.stat().st_mode & 0o777 == 0o600
+    journal_transaction(db, first, second, "DELETE")
+    assert db.position.txid == 2
+    assert rebuild(db, tmp_path) == second
+
+
+def test_an_emptied_journal_is_not_there_after_a_restart(db: Database, tmp_path: Path) -> None:
+    (state,) = sqlite_states(tmp_path, "CREATE TABLE t (x)")
+    db.journal.create(0o644, os.getuid(), os.getgid())
+    journal_transaction(db, b"", state, "DELETE")
+    db.journal.create(0o644, os.getuid(), os.getgid())  # SQLite died right after creating it
+    assert db.journal.exists()
+    db.close()
+
+    reopened = Database("my.db", db.path)
+    reopened.open()
+    try:
+        assert not reopened.journal.exists()
+        assert reopened.position.txid == 1
+    finally:
+        reopened.close()
+
+
+def test_a_journal_deleted_while_still_open_goes_with_its_contents(
+    db: Database, tmp_path: Path
+) -> None:
+    """A process that has the journal open keeps reading what it held, as
+    on a disk: the file is deleted, not emptied for the next transaction."""
+    (state,) = sqlite_states(tmp_path, "CREATE TABLE t (x)")
+    db.journal.create(0o644, os.getuid(), os.getgid())
+    reader = os.open(db.journal.path, os.O_RDONLY)
+    try:
+        journal_transaction(db, b"", state, "PERSIST")
+        db.journal.remove(in_use=True)
+        assert not db.journal.path.exists()
+        assert os.pread(reader, 8, 0) == bytes(8)
+        assert os.fstat(reader).st_size > 0
+    finally:
+        os.close(reader)
+    assert db.journal.create(0o644, os.getuid(), os.getgid())
+
+
 @pytest.mark.parametrize("step", ["before-ltx", "mid-ltx", "before-ltx-sync"])
 def test_injected_crash_leaves_no_ltx_file_and_a_hot_journal(tmp_path: Path, step: str) -> None:
     db = Database.create("my.db", tmp_path / "dbs" / "my.db", crash=CrashPoints(step, raise_crash))

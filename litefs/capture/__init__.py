@@ -58,7 +58,20 @@ class SQLiteFile(Protocol):
 
     def truncate_blocks(self, size: int) -> bool: ...
 
-    def remove(self, wait: bool = True) -> None: ...
+    def exists(self) -> bool:
+        """Whether SQLite sees the file."""
+        ...
+
+    def create(self, mode: int, uid: int, gid: int) -> bool:
+        """Make the file, empty, as open(O_CREAT | O_EXCL) would; True when
+        that made a new name in its directory, which a directory sync must
+        make durable."""
+        ...
+
+    def remove(self, wait: bool = True, *, in_use: bool = False) -> None:
+        """Delete the file; `in_use` when it is open still, and what was
+        written must stay readable there."""
+        ...
 
     def remove_blocks(self) -> bool: ...
 
@@ -140,3 +153,13 @@ def read_page_at(fd: int, page_size: int, offset: int) -> bytes:
     of the file (a database file may be shorter than its WAL says)."""
     data = os.pread(fd, page_size, offset)
     return data if len(data) == page_size else data.ljust(page_size, b"\0")
+
+
+def create_file(path: Path, mode: int, uid: int, gid: int) -> None:
+    """An empty file, new, owned as the process that asked for it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # as asked: the daemon's own umask is not the caller's
+        os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)

@@ -15,6 +15,11 @@ journal, so at the ending operation the daemon holds every page. When it
 cannot know that (the header or the database sync never came: OFF), the
 database's cached pages are pulled from the kernel before the transaction
 is recorded.
+
+A journal SQLite deletes stays on disk, emptied, so that the next
+transaction need not create a file: on ext4 here a file's creation costs
+about a tenth of a small commit, and syncing the new name another twentieth.
+An empty journal is one SQLite sees only while it has the journal created.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from litefs.capture import SMALL_TRANSACTION, CrashPoints
+from litefs.capture import SMALL_TRANSACTION, CrashPoints, create_file
 
 if TYPE_CHECKING:
     from litefs.db import Database
@@ -46,6 +51,8 @@ class RollbackJournal:
         """A transaction is under way: the header's magic has been written."""
         self.database_synced = False
         """The database file was synced since the transaction began."""
+        self.created = False
+        """SQLite created the journal and has not deleted it."""
 
     # -- what the mount asks ----------------------------------------------
 
@@ -99,8 +106,36 @@ class RollbackJournal:
         else:
             os.truncate(self.path, size)
 
-    def remove(self, wait: bool = True) -> None:
-        self._commit_then(lambda: os.unlink(self.path), wait, pull=self._removal_pulls())
+    def exists(self) -> bool:
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            return False
+        return size > 0 or self.created
+
+    def create(self, mode: int, uid: int, gid: int) -> bool:
+        """Reuse the emptied journal a deleted one left, if there is one."""
+        try:
+            os.chmod(self.path, mode)
+            os.chown(self.path, uid, gid)
+            new = False
+        except FileNotFoundError:
+            create_file(self.path, mode, uid, gid)
+            new = True
+        self.created = True
+        return new
+
+    def remove(self, wait: bool = True, *, in_use: bool = False) -> None:
+        end = self._delete if in_use else self._empty
+        self._commit_then(end, wait, pull=self._removal_pulls())
+
+    def _empty(self) -> None:
+        os.truncate(self.path, 0)
+        self.created = False
+
+    def _delete(self) -> None:
+        os.unlink(self.path)
+        self.created = False
 
     def _removal_pulls(self) -> bool:
         """Deleting the journal ends a transaction whose header the daemon

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from litefs import ltx
-from litefs.capture import SMALL_TRANSACTION, CrashPoints, Sync, read_page_at
+from litefs.capture import SMALL_TRANSACTION, CrashPoints, Sync, create_file, read_page_at
 from litefs.walfile import (
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
@@ -126,7 +126,14 @@ class WriteAheadLog:
             for offset in [c for c in self._commits if c >= size]:
                 del self._commits[offset]
 
-    def remove(self, wait: bool = True) -> None:
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def create(self, mode: int, uid: int, gid: int) -> bool:
+        create_file(self.path, mode, uid, gid)
+        return True
+
+    def remove(self, wait: bool = True, *, in_use: bool = False) -> None:
         self._before_frames_are_lost()
         with self.db.locked(wait):
             os.unlink(self.path)
@@ -412,7 +419,14 @@ class SharedMemory:
     def truncate_blocks(self, size: int) -> bool:
         return False
 
-    def remove(self, wait: bool = True) -> None:
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def create(self, mode: int, uid: int, gid: int) -> bool:
+        create_file(self.path, mode, uid, gid)
+        return False  # never needs to outlive a crash
+
+    def remove(self, wait: bool = True, *, in_use: bool = False) -> None:
         os.unlink(self.path)
 
     def remove_blocks(self) -> bool:
