@@ -100,7 +100,7 @@ class Inode:
     """One inode of the mount. Inode numbers are never reused while the
     daemon runs, and a path keeps its inode for as long as it exists."""
 
-    __slots__ = ("db_name", "ino", "kind", "lookups", "opens", "path", "unlinked")
+    __slots__ = ("backing", "db_name", "ino", "kind", "lookups", "opens", "path", "unlinked")
 
     def __init__(self, ino: int, kind: Kind, path: str, db_name: str) -> None:
         self.ino = ino
@@ -110,6 +110,9 @@ class Inode:
         self.lookups = 0
         self.opens = 0
         self.unlinked = False
+        self.backing: str | None = None
+        """The file in the data directory, once asked for (a path joined on
+        every request costs more than the request's system call)."""
 
 
 class Handle:
@@ -164,6 +167,10 @@ class FileSystem(pyfuse3.Operations):
         self._handles: dict[int, Handle | DirectoryListing] = {}
         self._changed_directories: set[str] = set()
         """Directories of the mount with entries not yet synced."""
+        self._subdirectory_counts: dict[str, int] = {}
+        """Each directory's number of subdirectories, its link count less two:
+        counting scans the directory, and the kernel asks for a directory's
+        attributes again after every file made or deleted in it."""
         self._unsynced_names: set[str] = set()
         """Databases whose journal or WAL got a new name not yet synced."""
         self._forgetting: dict[int, bool] = {}
@@ -225,13 +232,18 @@ class FileSystem(pyfuse3.Operations):
             return Kind.DIRECTORY, path, ""
         return None
 
-    def _backing(self, node: Inode) -> Path:
-        kind = node.kind
-        if kind is Kind.DATABASE:
-            return self.dbs_dir / node.path / "database"
-        if kind is Kind.DIRECTORY:
-            return self.dbs_dir / node.path
-        return self.dbs_dir / node.db_name / BACKING_NAMES[kind]
+    def _backing(self, node: Inode) -> str:
+        backing = node.backing
+        if backing is None:
+            kind = node.kind
+            if kind is Kind.DATABASE:
+                path = self.dbs_dir / node.path / "database"
+            elif kind is Kind.DIRECTORY:
+                path = self.dbs_dir / node.path
+            else:
+                path = self.dbs_dir / node.db_name / BACKING_NAMES[kind]
+            backing = node.backing = str(path)
+        return backing
 
     def _database(self, node: Inode) -> Database:
         return self._database_named(node.db_name)
@@ -260,7 +272,7 @@ class FileSystem(pyfuse3.Operations):
         attrs.st_mode = st.st_mode
         attrs.st_nlink = 0 if node.unlinked else st.st_nlink
         if kind is Kind.DIRECTORY:
-            attrs.st_nlink = 2 + sum(1 for _ in self._subdirectories(node.path))
+            attrs.st_nlink = 2 + self._subdirectory_count(node.path)
         attrs.st_uid = st.st_uid
         attrs.st_gid = st.st_gid
         attrs.st_size = st.st_size
@@ -282,7 +294,7 @@ class FileSystem(pyfuse3.Operations):
                 return os.fstat(handle.fd)
         raise _error(errno.ENOENT)
 
-    def _backing_or_descriptor(self, node: Inode) -> Path | int:
+    def _backing_or_descriptor(self, node: Inode) -> str | int:
         """Where to change a file's metadata: an unlinked file (the kernel
         sends its cached times when it is closed) through an open descriptor."""
         if node.unlinked:
@@ -322,6 +334,17 @@ class FileSystem(pyfuse3.Operations):
         if self.store.is_primary or primary is None:
             raise _error(errno.ENOENT)
         return f"{primary.hostname}\n".encode()
+
+    def _subdirectory_count(self, path: str) -> int:
+        count = self._subdirectory_counts.get(path)
+        if count is None:
+            count = self._subdirectory_counts[path] = sum(1 for _ in self._subdirectories(path))
+        return count
+
+    def _entries_changed(self, *directories: str) -> None:
+        """Databases or directories came or went in these directories."""
+        self._changed_directories.update(directories)
+        self._subdirectory_counts.clear()
 
     def _subdirectories(self, path: str) -> Iterator[str]:
         try:
@@ -411,7 +434,7 @@ class FileSystem(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._directory(inode)
-        if not os.path.isdir(self.dbs_dir / node.path):
+        if not os.path.isdir(self._backing(node)):
             raise _error(errno.ENOENT)
         fh = self._next_fh
         self._next_fh += 1
@@ -499,7 +522,7 @@ class FileSystem(pyfuse3.Operations):
             check_new_name(path)
             os.mkdir(backing, stat.S_IMODE(mode) & ~ctx.umask)
             os.chown(backing, ctx.uid, ctx.gid)
-        self._changed_directories.add(parent.path)
+        self._entries_changed(parent.path)
         node = self._node_for(path, Kind.DIRECTORY, "")
         attrs = self._attributes(node)
         node.lookups += 1
@@ -516,7 +539,7 @@ class FileSystem(pyfuse3.Operations):
         with _as_fuse_errors():
             self.store.check_writable()
             os.rmdir(self.dbs_dir / path)
-        self._changed_directories.add(parent.path)
+        self._entries_changed(parent.path)
         self._detach(path)
 
     # -- files ------------------------------------------------------------
@@ -539,7 +562,7 @@ class FileSystem(pyfuse3.Operations):
             if kind is Kind.DATABASE:
                 db = self.store.create_database(path, permissions)
                 os.fchown(db.fd, ctx.uid, ctx.gid)
-                self._changed_directories.add(parent.path)
+                self._entries_changed(parent.path)
                 self._forget_missing_position(parent.ino, text)
             else:
                 file = OWNERS[kind](self._database_named(db_name))
@@ -717,7 +740,7 @@ class FileSystem(pyfuse3.Operations):
         with _as_fuse_errors():
             if kind is Kind.DATABASE:
                 self.store.remove_database(path)
-                self._changed_directories.add(parent.path)
+                self._entries_changed(parent.path)
             else:
                 file = OWNERS[kind](self._database_named(db_name))
                 node = self._paths.get(path)
@@ -769,7 +792,7 @@ class FileSystem(pyfuse3.Operations):
                 self.store.rename_database(old_path, new_path)
             else:
                 raise _error(errno.EPERM)
-        self._changed_directories.update((old_parent.path, new_parent.path))
+        self._entries_changed(old_parent.path, new_parent.path)
         self._move(old_path, new_path)
 
     def _move(self, old: str, new: str) -> None:
@@ -777,6 +800,7 @@ class FileSystem(pyfuse3.Operations):
         for path in [p for p in self._paths if p == old or p.startswith(prefix)]:
             node = self._paths.pop(path)
             node.path = new + path[len(old) :]
+            node.backing = None
             if node.db_name == old or node.db_name.startswith(prefix):
                 node.db_name = new + node.db_name[len(old) :]
             self._paths[node.path] = node
@@ -838,9 +862,11 @@ class FileSystem(pyfuse3.Operations):
             _quietly(pyfuse3.notify_store, node.ino, start, os.pread(db.fd, size - start, start))
 
     def database_created(self, name: str) -> None:
+        self._subdirectory_counts.clear()
         self._invalidate_names(name)
 
     def database_removed(self, name: str) -> None:
+        self._subdirectory_counts.clear()
         self._invalidate_names(name)
 
     def role_changed(self) -> None:
