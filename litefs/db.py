@@ -40,6 +40,10 @@ from litefs.spares import SpareFiles
 
 log = logging.getLogger("litefs.db")
 
+HANDED_OVER_PAGES = 256
+"""The most pages of an applied transaction handed to the kernel's cache one
+by one; past that, it drops them all and readers fetch what they need."""
+
 
 PageReader = Callable[[int], bytes]
 """Returns the content of a page (by number) as of the transaction being recorded."""
@@ -194,6 +198,9 @@ class Database:
         self._xor = 0
         self._dirty: set[int] = set()
         self._size_changed = False
+        self.applied_pages: list[tuple[int, bytes]] | None = None
+        """Every page the last apply changed, when it changed nothing else
+        and few enough of them (rollback-journal databases only)."""
 
     # -- life cycle -------------------------------------------------------
 
@@ -941,10 +948,36 @@ class Database:
                 if old != final:
                     old.unlink(missing_ok=True)
         os.rename(self._next_applying_path, self.applying_path)
+        pages = self._pages_to_hand_over(f, header)
         with write_lock:
             self._discard_unfinished_transaction()
-            ltx.write_pages(f, self.fd, checked, sync=False)
+            if pages is None:
+                ltx.write_pages(f, self.fd, checked, sync=False)
+            else:
+                ltx.store_pages(pages, self.fd, header, sync=False)
+            self.applied_pages = pages
         self.applying_path.unlink()
+
+    def _pages_to_hand_over(
+        self, f: BinaryIO, header: ltx.Header
+    ) -> list[tuple[int, bytes]] | None:
+        """The pages of a small transaction that changes nothing else,
+        decoded before readers are kept out: written, they are handed to the
+        kernel's cache too, instead of it dropping every page it holds."""
+        if (
+            header.is_snapshot
+            or header.page_size != self.page_size
+            or header.commit * header.page_size < os.fstat(self.fd).st_size
+            or self.wal_mode
+        ):
+            return None
+        f.seek(0)
+        pages: list[tuple[int, bytes]] = []
+        for page in ltx.Decoder(f).pages():
+            if len(pages) == HANDED_OVER_PAGES:
+                return None
+            pages.append(page)
+        return pages
 
     def _append_to_wal(
         self,

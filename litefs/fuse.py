@@ -848,6 +848,16 @@ class FileSystem(pyfuse3.Operations):
         if node is not None:
             self._announce_size(node)
 
+    def pages_applied(self, name: str, pages: list[tuple[int, bytes]]) -> None:
+        """Store the pages in the kernel's cache: readers keep every other
+        page they had, and need no request to the daemon for these."""
+        node = self._paths.get(name)
+        if node is None:
+            return
+        for pgno, data in pages:
+            _quietly(pyfuse3.notify_store, node.ino, (pgno - 1) * len(data), data)
+        self._announce_size(node)
+
     def _announce_size(self, node: Inode) -> None:
         """With the writeback cache the kernel keeps a file's size itself
         and takes none from the daemon; storing the file's last bytes into

@@ -15,7 +15,7 @@ import os
 import re
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import reduce
 from operator import xor
@@ -1124,11 +1124,19 @@ def write_pages(ltx: BinaryIO, db_fd: int, checked: CheckedApply, *, sync: bool 
     The file must be the one `check_apply` read, unchanged (LTX files are
     written once and never modified).
     """
-    ps = checked.header.page_size
     ltx.seek(0)
+    store_pages(Decoder(ltx).pages(), db_fd, checked.header, sync=sync)
+
+
+def store_pages(
+    pages: Iterable[tuple[int, bytes]], db_fd: int, header: Header, *, sync: bool = True
+) -> None:
+    """Write a file's pages, in runs of neighbours, and cut the database to
+    the file's commit size."""
+    ps = header.page_size
     run = bytearray()
     run_start = 0
-    for pgno, data in Decoder(ltx).pages():
+    for pgno, data in pages:
         if run and (pgno - 1) * ps != run_start + len(run):
             _pwrite_all(db_fd, run, run_start)
             run.clear()
@@ -1141,7 +1149,7 @@ def write_pages(ltx: BinaryIO, db_fd: int, checked: CheckedApply, *, sync: bool 
             run.clear()
     if run:
         _pwrite_all(db_fd, run, run_start)
-    os.ftruncate(db_fd, checked.header.commit * ps)
+    os.ftruncate(db_fd, header.commit * ps)
     if sync:
         os.fsync(db_fd)
 

@@ -75,6 +75,10 @@ class MountObserver(Protocol):
 
     def database_changed(self, name: str) -> None: ...
 
+    def pages_applied(self, name: str, pages: list[tuple[int, bytes]]) -> None:
+        """These pages of the database were written, and nothing else changed."""
+        ...
+
     def database_created(self, name: str) -> None: ...
 
     def database_removed(self, name: str) -> None: ...
@@ -92,6 +96,9 @@ class MountObserver(Protocol):
 
 class NullObserver:
     def database_changed(self, name: str) -> None:
+        return None
+
+    def pages_applied(self, name: str, pages: list[tuple[int, bytes]]) -> None:
         return None
 
     def database_created(self, name: str) -> None:
@@ -534,7 +541,11 @@ class Store:
         if not db.uses_wal():
             with lock.exclusive():
                 yield
-                self.observer.database_changed(db.name)
+                if db.applied_pages is None:
+                    self.observer.database_changed(db.name)
+                else:
+                    self.observer.pages_applied(db.name, db.applied_pages)
+                    db.applied_pages = None
             return
         with lock.exclusive_wal() as shm:
             yield

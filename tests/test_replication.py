@@ -246,6 +246,46 @@ def test_readers_on_the_replica_never_see_a_partial_transaction(
     assert set(sums) == {100 * accounts}
 
 
+@pytest.mark.parametrize("page_size", [1024, 4096, 16384])
+def test_what_the_kernel_caches_on_a_replica_matches_its_disk_across_applies(
+    pair: tuple[NodeProcess, NodeProcess], page_size: int
+) -> None:
+    """Small transactions reach the kernel's cache as pages stored into it;
+    larger ones, and those that shrink the file, have it drop everything.
+    Whichever, the file read through the mount is the file on disk."""
+    primary, replica = pair
+    primary.sqlite(
+        "my.db",
+        f"PRAGMA page_size={page_size}; CREATE TABLE t (id INTEGER PRIMARY KEY, v);"
+        "INSERT INTO t SELECT value, randomblob(900) FROM generate_series(1, 300);",
+    )
+    wait_caught_up(primary, replica, "my.db")
+    reader = sqlite3.connect(replica.mount_dir / "my.db")
+    try:
+        statements = [
+            "UPDATE t SET v = 'small' WHERE id = 7;",
+            "INSERT INTO t (v) VALUES (randomblob(5000));",
+            "UPDATE t SET v = randomblob(1200);",  # more pages than are handed over
+            "DELETE FROM t WHERE id > 20; VACUUM;",  # the file shrinks
+            "UPDATE t SET v = 'last' WHERE id = 3;",
+        ]
+        for statement in statements:
+            before = reader.execute("SELECT count(*), sum(length(v)) FROM t").fetchone()
+            (replica.mount_dir / "my.db").read_bytes()  # every page cached
+            primary.sqlite("my.db", statement)
+            assert_identical(primary, replica, "my.db")
+            after = reader.execute("SELECT count(*), sum(length(v)) FROM t").fetchone()
+            expected = primary.sqlite("my.db", "SELECT count(*), sum(length(v)) FROM t;")
+            assert "|".join(map(str, after)) == expected.stdout.strip(), statement
+            assert after != before, statement
+            on_disk = (replica.db_dir("my.db") / "database").read_bytes()
+            through_mount = (replica.mount_dir / "my.db").read_bytes()
+            assert through_mount[: len(on_disk)] == on_disk, statement
+        assert reader.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        reader.close()
+
+
 def test_replication_lag_is_milliseconds(pair: tuple[NodeProcess, NodeProcess]) -> None:
     primary, replica = pair
     primary.sqlite("my.db", "CREATE TABLE t (x);")
