@@ -223,6 +223,35 @@ class Database:
         db.open()
         return db
 
+    @classmethod
+    def from_sqlite_file(
+        cls,
+        name: str,
+        path: Path,
+        source: Path,
+        *,
+        crash: CrashPoints = NO_CRASH,
+        events: CommitEvents | None = None,
+    ) -> Database:
+        """Lay out a new database directory around a checked SQLite file,
+        which becomes the database file itself (moved, not copied), with one
+        snapshot as its history. The file is read once, to write the
+        snapshot; the page checksums that pass computes are left as a clean
+        stop's would be, so opening reads nothing more."""
+        path.mkdir(parents=True, exist_ok=False)
+        (path / "ltx").mkdir()
+        db = cls(name, path, crash=crash, events=events)
+        os.rename(source, db.database_path)
+        os.chmod(db.database_path, 0o644)
+        snapshot = db.ltx_dir / ltx.format_filename(1, 1)
+        checksums = array.array("Q")
+        with open(db.database_path, "rb") as src, open(snapshot, "wb") as out:
+            header, trailer = ltx.encode_snapshot(src, out, checksums=checksums)
+        state = clean_stop.CleanStop(1, trailer.post_apply_checksum, header.page_size, checksums)
+        clean_stop.save(db.clean_stop_path, state, db.database_path, snapshot)
+        db.open()
+        return db
+
     def open(self) -> None:
         """Open the database file and load its state, recovering from a crash."""
         self.ltx_dir.mkdir(exist_ok=True)

@@ -481,11 +481,19 @@ class Encoder:
             )
         self._write_run(pgno, pgno, memoryview(data), False)
 
-    def _write_run(self, first: int, last: int, pages: memoryview, sums: bool) -> int:
+    def _write_run(
+        self,
+        first: int,
+        last: int,
+        pages: memoryview,
+        sums: bool,
+        checksums: array.array[int] | None = None,
+    ) -> int:
         """Frames for pages first..last held back to back in `pages`, skipping the lock page.
 
         Callers have validated order and bounds; this is the per-page hot loop.
-        Returns the XOR of the page checksums when `sums` is set.
+        Returns the XOR of the page checksums when `sums` is set, and keeps
+        each page's in `checksums` (indexed by page number less one) if given.
         """
         ps = self._page_size
         lock = self._lock
@@ -510,7 +518,10 @@ class Encoder:
             head = pack_frame(pgno, PAGE_FLAG_SIZE, size)
             crc = go_iso(page, go_iso(head, crc))
             if sums:
-                total ^= go_iso(page, go_iso(pack_pgno(pgno)))
+                page_sum = go_iso(page, go_iso(pack_pgno(pgno)))
+                total ^= page_sum
+                if checksums is not None:
+                    checksums[pgno - 1] = page_sum | CHECKSUM_FLAG
             out += head
             out += comp
             size += 10
@@ -1188,12 +1199,19 @@ def encode_snapshot(
     txid: int = 1,
     timestamp: int | None = None,
     node_id: int = 0,
+    checksums: array.array[int] | None = None,
 ) -> tuple[Header, Trailer]:
-    """Write a snapshot of a whole SQLite file: a replica can start from it alone."""
+    """Write a snapshot of a whole SQLite file: a replica can start from it
+    alone. `checksums`, if given, is filled with every page's checksum, as
+    `page_checksums` would read them."""
     if isinstance(db, (str, os.PathLike)):
         with open(db, "rb") as f:
-            return encode_snapshot(f, out, txid=txid, timestamp=timestamp, node_id=node_id)
+            return encode_snapshot(
+                f, out, txid=txid, timestamp=timestamp, node_id=node_id, checksums=checksums
+            )
     page_size, count = _database_geometry(db)
+    if checksums is not None:
+        checksums[:] = array.array("Q", bytes(8 * count))
     header = Header(
         flags=0,
         page_size=page_size or DEFAULT_PAGE_SIZE,
@@ -1221,7 +1239,7 @@ def encode_snapshot(
                         f"database shrank while being read: ends at byte "
                         f"{(pgno - 1) * page_size + got}"
                     )
-                total ^= enc._write_run(pgno, pgno + n - 1, view, True)
+                total ^= enc._write_run(pgno, pgno + n - 1, view, True, checksums)
                 view.release()
                 pgno += n
         finally:

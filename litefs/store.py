@@ -422,29 +422,46 @@ class Store:
         self._check_primary(f"cannot import {name}")
         sqlitefile.check(source)
         db = self._dbs.get(name)
-        ltx_path = self.scratch_path("import")
-        try:
-            if db is None:
-                txid = 1
-            else:
-                sqlitefile.follow_change_counter(source, os.pread(db.fd, 100, 0))
-                txid = db.position.txid + 1
-            with open(source, "rb") as src, open(ltx_path, "wb") as out:
-                ltx.encode_snapshot(src, out, txid=txid)
-            with self._lock:
-                self._check_primary(f"cannot import {name}")
-                if not self.commit_allowed():
-                    raise ReadOnlyError(f"cannot import {name}: the lease is about to pass")
-                db = self._dbs.get(name)
-            if db is None:
-                position = self._create_from(name, ltx_path, writable=True)
-            else:
-                position = db.apply_ltx(ltx_path, self._exclusive(db, self._sqlite_lock(name)))
-        finally:
-            ltx_path.unlink(missing_ok=True)
+        if db is None:
+            position = self._import_new(name, source)
+        else:
+            position = self._import_over(db, name, source)
         log.info("database %s: imported at %s", name, position)
         self.committed(name)
         return position
+
+    def _import_new(self, name: str, source: Path) -> Position:
+        """The file becomes the database, in a directory made aside and
+        moved into place whole."""
+        staging = self.scratch_path("new")
+        try:
+            made = Database.from_sqlite_file(name, staging, source)
+            made.close()
+            return self._install(name, staging, writable=True, importing=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _import_over(self, db: Database, name: str, source: Path) -> Position:
+        """Replaced as a replica applies a snapshot: under SQLite's
+        EXCLUSIVE lock, so readers see the old contents or the new."""
+        ltx_path = self.scratch_path("import")
+        try:
+            sqlitefile.follow_change_counter(source, os.pread(db.fd, 100, 0))
+            txid = db.position.txid + 1
+            with open(source, "rb") as src, open(ltx_path, "wb") as out:
+                ltx.encode_snapshot(src, out, txid=txid)
+            with self._lock:
+                self._check_importable(name)
+                if self._dbs.get(name) is not db:
+                    raise FileExistsError(f"database {name} changed while it was being imported")
+            return db.apply_ltx(ltx_path, self._exclusive(db, self._sqlite_lock(name)))
+        finally:
+            ltx_path.unlink(missing_ok=True)
+
+    def _check_importable(self, name: str) -> None:
+        self._check_primary(f"cannot import {name}")
+        if not self.commit_allowed():
+            raise ReadOnlyError(f"cannot import {name}: the lease is about to pass")
 
     def _check_primary(self, what: str) -> None:
         if not self.is_primary:
@@ -514,18 +531,26 @@ class Store:
                 made.apply_ltx(path, contextlib.nullcontext())
             finally:
                 made.close()
-            with self._lock:
-                final = self.path_of(name)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(staging, final)
-                if name in self._dbs:
-                    raise FileExistsError(f"database {name} appeared while it was being made")
-                db = self._database(name, final)
-                db.open()
-                db.writable = writable
-                self._dbs[name] = db
+            return self._install(name, staging, writable=writable)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _install(
+        self, name: str, staging: Path, *, writable: bool, importing: bool = False
+    ) -> Position:
+        """Move a database made aside into place and open it."""
+        with self._lock:
+            if importing:
+                self._check_importable(name)
+            if name in self._dbs:
+                raise FileExistsError(f"database {name} appeared while it was being made")
+            final = self.path_of(name)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(staging, final)
+            db = self._database(name, final)
+            db.open()
+            db.writable = writable
+            self._dbs[name] = db
         self.observer.database_created(name)
         return db.position
 

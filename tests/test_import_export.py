@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import urllib.error
@@ -15,6 +16,8 @@ from node_process import NodeProcess
 from test_replication import position, wait_caught_up
 
 from litefs import ltx
+from litefs.db import Database
+from litefs.position import Position
 
 pytestmark = pytest.mark.fuse
 
@@ -44,6 +47,31 @@ def test_import_creates_a_database_that_replicas_receive(
     wait_caught_up(primary, replica, "app.db")
     assert count(replica, "app.db") == "5000|v999"
     assert [p.name for p in primary.ltx_files("app.db")] == [ltx.format_filename(1, 1)]
+
+
+def test_an_imported_file_becomes_the_database_with_one_snapshot_that_rebuilds_it(
+    tmp_path: Path,
+) -> None:
+    source = make_database(tmp_path / "src.db", 3000)
+    contents = source.read_bytes()
+    db = Database.from_sqlite_file("app.db", tmp_path / "dbs" / "app.db", source)
+    try:
+        assert not source.exists()  # moved, not copied
+        assert db.database_path.read_bytes() == contents
+        files = db.ltx_files()
+        assert [path.name for _, _, path in files] == [ltx.format_filename(1, 1)]
+        rebuilt = tmp_path / "rebuilt.db"
+        fd = os.open(rebuilt, os.O_RDWR | os.O_CREAT)
+        try:
+            with open(files[0][2], "rb") as f:
+                _, trailer = ltx.apply_file(f, fd, sync=False)
+        finally:
+            os.close(fd)
+        assert rebuilt.read_bytes() == contents
+        assert db.position == Position(1, trailer.post_apply_checksum)
+        assert db.checksum == ltx.database_checksum(db.database_path)
+    finally:
+        db.close()
 
 
 def test_import_replaces_a_database_as_one_snapshot_under_open_connections(
