@@ -1006,6 +1006,8 @@ class Database:
             if len(pages) == HANDED_OVER_PAGES:
                 return None
             pages.append(page)
+        if pages and pages[0][0] == 1 and _is_wal_header(pages[0][1]):
+            return None  # the database enters WAL mode: its readers start afresh
         return pages
 
     def _append_to_wal(

@@ -851,6 +851,7 @@ class FileSystem(pyfuse3.Operations):
     def pages_applied(self, name: str, pages: list[tuple[int, bytes]]) -> None:
         """Store the pages in the kernel's cache: readers keep every other
         page they had, and need no request to the daemon for these."""
+        self._drop_cached_pages(name + "-journal")  # perhaps played back
         node = self._paths.get(name)
         if node is None:
             return
