@@ -26,8 +26,23 @@ def test_spares_are_made_in_the_background_and_taken(tmp_path: Path) -> None:
     taken = spares.take()
     assert taken is not None and taken.exists()
     taken.rename(tmp_path / "0000000000000001-0000000000000001.ltx")
+    assert len(spares_in(tmp_path)) == KEEP - 1
+
+
+def test_taken_spares_are_made_again_in_one_batch_once_half_are_gone(tmp_path: Path) -> None:
+    spares = SpareFiles(tmp_path)
+    spares.adopt()
     wait_for_spares(tmp_path, KEEP)
-    assert len(spares_in(tmp_path)) == KEEP
+    for txid in range(1, KEEP // 2):
+        taken = spares.take()
+        assert taken is not None
+        taken.rename(tmp_path / f"{txid:016x}-{txid:016x}.ltx")
+    time.sleep(0.2)
+    assert len(spares_in(tmp_path)) == KEEP - (KEEP // 2 - 1)  # not yet: more than half left
+    taken = spares.take()
+    assert taken is not None
+    taken.unlink()
+    wait_for_spares(tmp_path, KEEP)
 
 
 def test_none_is_ready_at_first_so_the_caller_creates_its_file(tmp_path: Path) -> None:
