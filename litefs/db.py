@@ -946,7 +946,8 @@ class Database:
             if header.is_snapshot and self.position.txid:
                 self._log_reseed(header.max_txid, checked.trailer.post_apply_checksum)
             final = self.ltx_dir / ltx.format_filename(header.min_txid, header.max_txid)
-            if wal_writer is not None and self._append_to_wal(f, header, wal_writer):
+            appended = wal_writer is not None and self._append_to_wal(f, header, wal_writer)
+            if appended:
                 os.rename(path, final)
             else:
                 self._apply_to_file(f, checked, path, final, write_lock)
@@ -955,7 +956,8 @@ class Database:
             self._xor = ltx.checksum_of(self._checksums)
             self.page_size = self._write_page_size = header.page_size
             self.content = Content.SQLITE if header.commit else Content.EMPTY
-            self.wal_mode = _is_wal_header(self.read_page(1))
+            if not appended:  # a transaction appended to the log keeps WAL mode
+                self.wal_mode = _is_wal_header(self.read_page(1))
             self.position = Position(header.max_txid, checked.trailer.post_apply_checksum)
             return self.position
 
