@@ -224,15 +224,7 @@ class Database:
         return db
 
     @classmethod
-    def from_sqlite_file(
-        cls,
-        name: str,
-        path: Path,
-        source: Path,
-        *,
-        crash: CrashPoints = NO_CRASH,
-        events: CommitEvents | None = None,
-    ) -> Database:
+    def from_sqlite_file(cls, name: str, path: Path, source: Path) -> Database:
         """Lay out a new database directory around a checked SQLite file,
         which becomes the database file itself (moved, not copied), with one
         snapshot as its history. The file is read once, to write the
@@ -240,7 +232,7 @@ class Database:
         stop's would be, so opening reads nothing more."""
         path.mkdir(parents=True, exist_ok=False)
         (path / "ltx").mkdir()
-        db = cls(name, path, crash=crash, events=events)
+        db = cls(name, path)
         os.rename(source, db.database_path)
         os.chmod(db.database_path, 0o644)
         snapshot = db.ltx_dir / ltx.format_filename(1, 1)

@@ -6,9 +6,9 @@ and every commit writes one new LTX file. A directory's spares are made by
 one background thread, in a batch once half of them are taken (waking the
 thread costs a commit about as much as a page's encoding); a commit writes
 into a spare and renames it to the LTX file's name, or creates the file
-itself when none is left. A spare's name never parses as an LTX file's, so nothing else of the
-history ever sees one; those a run leaves (a crash may leave one
-half-written) are removed at the next start.
+itself when none is left. A spare's name never parses as an LTX file's, so
+nothing else of the history ever sees one; those a run leaves (a crash may
+leave one half-written) are removed at the next start.
 """
 
 from __future__ import annotations

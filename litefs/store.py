@@ -561,22 +561,27 @@ class Store:
         connection its page cache, through a new wal-index header."""
         if lock is None:
             yield
-            self.observer.database_changed(db.name)
+            self._announce_apply(db)
             return
         if not db.uses_wal():
             with lock.exclusive():
                 yield
-                if db.applied_pages is None:
-                    self.observer.database_changed(db.name)
-                else:
-                    self.observer.pages_applied(db.name, db.applied_pages)
-                    db.applied_pages = None
+                self._announce_apply(db)
             return
         with lock.exclusive_wal() as shm:
             yield
             self.observer.database_changed(db.name)
             if shm >= 0:
                 _reset_wal_index(shm, db)
+
+    def _announce_apply(self, db: Database) -> None:
+        """Hand the kernel the pages a small apply wrote, or have it drop
+        every page it caches of the database."""
+        pages, db.applied_pages = db.applied_pages, None
+        if pages is None:
+            self.observer.database_changed(db.name)
+        else:
+            self.observer.pages_applied(db.name, pages)
 
     def drop_database(self, name: str) -> None:
         """Remove a database the primary no longer has (replicas only)."""
