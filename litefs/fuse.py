@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import secrets
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from enum import Enum
-from functools import partial
+from functools import partial, wraps
 from operator import attrgetter
 from pathlib import Path
 from typing import TypeVar
@@ -58,6 +59,7 @@ from litefs.store import Store
 
 log = logging.getLogger("litefs.fuse")
 T = TypeVar("T")
+Ops = TypeVar("Ops", bound=pyfuse3.Operations)
 
 ENTRY_TIMEOUT = 3600.0
 ATTR_TIMEOUT = 3600.0
@@ -151,6 +153,47 @@ def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
+def _answering_eio(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """A handler's exception other than FUSEError ends pyfuse3's session,
+    and with it the mount, for every application using it: a bug in one
+    operation is logged and that operation answered EIO instead."""
+
+    @wraps(handler)
+    async def guarded(*args: object) -> T:
+        try:
+            return await handler(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("file operation %s failed", handler.__name__)
+            raise _error(errno.EIO) from None
+
+    return guarded
+
+
+def _logging_errors(handler: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """For the operations the kernel expects no answer to (forget)."""
+
+    @wraps(handler)
+    async def guarded(*args: object) -> None:
+        try:
+            await handler(*args)
+        except Exception:
+            log.exception("file operation %s failed", handler.__name__)
+
+    return guarded
+
+
+def _guard_handlers(cls: type[Ops]) -> type[Ops]:
+    for name in vars(pyfuse3.Operations):
+        handler = vars(cls).get(name)
+        if inspect.iscoroutinefunction(handler):
+            guard = _logging_errors if name == "forget" else _answering_eio
+            setattr(cls, name, guard(handler))
+    return cls
+
+
+@_guard_handlers
 class FileSystem(pyfuse3.Operations):
     """pyfuse3 operations over a `Store`."""
 

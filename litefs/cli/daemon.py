@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import faulthandler
 import fcntl
 import json
 import logging
@@ -208,6 +209,9 @@ def run_mount(args: argparse.Namespace) -> int:
     if getattr(args, "check", False):
         return report_config(cfg)
     setup_logging(cfg.log.format, cfg.log.debug)
+    # A crash in native code (pyfuse3, libfuse) leaves no Python traceback:
+    # have the interpreter write every thread's stack to the log instead.
+    faulthandler.enable()
     lock = lock_data_dir(cfg.data.dir)
     try:
         prepare_mount_dir(cfg.fuse.dir)
