@@ -317,6 +317,9 @@ class Services:
         self._resign: asyncio.Event | None = None
         self._handoff_target: str | None = None
         self._handoff_until = 0.0
+        self._handoff_lease: str | None = None
+        """The lease a primary handing its role to this node sent it."""
+        self._lease: Lease | None = None
         self.lag = Lag()
         self._defer_until = 0.0
         self._behind_at_loss = 0.0
@@ -461,19 +464,22 @@ class Services:
         """Hand the primary role to `target`, a caught-up replica.
 
         Writes stop here, every replica hears who takes over (so the others
-        do not compete for the lease), and the lease is released; the target
-        acquires it as soon as it is free.
+        do not compete for the lease), and the target is sent the lease
+        itself, which it takes over without the key ever being free: a node
+        that did not hear of the handoff (one starting) cannot take it.
         """
         log.info("handing the primary role off to %s", target)
         self._note_handoff(target)
         self.node.store.set_role(Role.REPLICA, None)
         assert self._server is not None and self._resign is not None
-        self._server.announce_handoff(target)
+        assert self._lease is not None
+        self._server.announce_handoff(target, self._lease.handle)
         self._resign.set()
 
-    def _note_handoff(self, target: str) -> None:
+    def _note_handoff(self, target: str, lease: str | None = None) -> None:
         self._handoff_target = target
         self._handoff_until = time.monotonic() + HANDOFF_GRACE
+        self._handoff_lease = lease if target == self.node.name else None
 
     async def _respect_handoff(self) -> None:
         """During a handoff to another node, let it take the lease first."""
@@ -575,9 +581,16 @@ class Services:
             await asyncio.sleep(0.05)
 
     async def _acquire(self) -> Lease:
-        """Acquire the lease; the target of a handoff keeps trying briefly,
-        as the old primary may release it a moment after announcing."""
+        """Acquire the lease; the target of a handoff takes over the one it
+        was sent, or else keeps trying briefly, as the old primary releases
+        the lease a moment after announcing when it could not send it."""
         leaser = self.node.leaser
+        handed, self._handoff_lease = self._handoff_lease, None
+        if handed is not None and self._handoff_target == self.node.name:
+            try:
+                return await leaser.adopt(handed)
+            except LeaseError as exc:
+                log.warning("could not take over the lease handed to this node: %s", exc)
         while True:
             try:
                 return await leaser.acquire()
@@ -604,6 +617,7 @@ class Services:
         self._resign.clear()
         self._handoff_target = None
         self._handoff_until = 0.0
+        self._lease = lease
         store.set_role(Role.PRIMARY, None)
         store.commit_deadline = lease.deadline - margin
         log.info("acquired the lease; this node is the primary")
@@ -637,9 +651,13 @@ class Services:
         finally:
             store.set_role(Role.REPLICA, None)
             self.lag.heard(time.time())  # all there was, this node committed
+            self._lease = None
             if self._server is not None:
                 await self._server.drain(HANDOVER_DRAIN)
-            await lease.release()
+            if self._server is not None and self._server.lease_handed_over():
+                log.info("the lease went to %s with the primary role", self._handoff_target)
+            else:
+                await lease.release()
 
     async def _follow(self, info: PrimaryInfo) -> None:
         """Replicate from `info` until the lease names another primary, or

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sqlite3
@@ -60,6 +61,34 @@ def test_handoff_moves_the_primary_role_to_the_named_replica(
 ) -> None:
     nodes = [start_node(name, settings=etcd_settings(etcd_server)) for name in ("a", "b", "c")]
     assert_handoff_works(nodes)
+
+
+def test_the_lease_passes_to_the_target_without_ever_being_free(
+    start_node: StartNode, etcd_server: EtcdServer
+) -> None:
+    """A node that did not hear of the handoff (one starting up) could take
+    a lease released for the target; the target takes the same lease over."""
+    nodes = [start_node(name, settings=etcd_settings(etcd_server)) for name in ("a", "b")]
+    wait_for(lambda: sorted(role(n) or "" for n in nodes) == ["primary", "replica"], timeout=SETTLE)
+    primary = next(n for n in nodes if role(n) == "primary")
+    target = next(n for n in nodes if n is not primary)
+    primary.sqlite("my.db", "CREATE TABLE t (x);")
+    wait_for(lambda: (target.mount_dir / "my.db-pos").exists(), timeout=SETTLE)
+    before = lease_key(etcd_server)
+    handoff(primary, target)
+    wait_for(lambda: role(target) == "primary", timeout=5)
+    after = lease_key(etcd_server)
+    assert after["create_revision"] == before["create_revision"]
+    assert after["lease"] == before["lease"]
+    assert json.loads(base64.b64decode(after["value"]))["hostname"] == target.name
+
+
+def lease_key(etcd: EtcdServer) -> dict[str, Any]:
+    body = json.dumps({"key": base64.b64encode(b"litefs/primary").decode()}).encode()
+    request = urllib.request.Request(f"{etcd.url}/v3/kv/range", data=body, method="POST")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        kv: dict[str, Any] = json.load(response)["kvs"][0]
+        return kv
 
 
 def test_handoff_with_a_token_needs_it_and_the_command_sends_it(

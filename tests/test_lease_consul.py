@@ -162,6 +162,55 @@ def test_release_lets_another_node_acquire_at_once() -> None:
     run(scenario)
 
 
+def test_an_adopted_lease_names_its_new_holder_and_the_key_is_never_unlocked() -> None:
+    async def scenario(cluster: Cluster) -> None:
+        a = cluster.leaser("a", lock_delay=10.0)
+        b = cluster.leaser("b", lock_delay=10.0)
+        c = cluster.leaser("c", lock_delay=10.0)
+        lease = await a.acquire()
+        _, before = await cluster.raw("GET", f"/v1/kv/{cluster.key}")
+        taken = await b.adopt(lease.handle)
+        assert taken.handle == lease.handle
+        assert await c.primary_info() == PrimaryInfo(b.hostname, b.advertise_url)
+        _, after = await cluster.raw("GET", f"/v1/kv/{cluster.key}")
+        assert after[0]["Session"] == lease.handle
+        assert after[0]["LockIndex"] == before[0]["LockIndex"]
+        with pytest.raises(PrimaryExists):
+            await c.acquire()
+        await taken.renew()
+        await taken.release()
+        assert await c.primary_info() is None
+
+    run(scenario)
+
+
+def test_a_lease_that_ended_cannot_be_adopted() -> None:
+    async def scenario(cluster: Cluster) -> None:
+        a, b = cluster.leaser("a"), cluster.leaser("b")
+        lease = await a.acquire()
+        await lease.release()
+        with pytest.raises(LeaseLost):
+            await b.adopt(lease.handle)
+        assert await b.primary_info() is None
+
+    run(scenario)
+
+
+def test_a_session_no_longer_holding_the_key_cannot_adopt_it() -> None:
+    async def scenario(cluster: Cluster) -> None:
+        a, b, c = cluster.leaser("a"), cluster.leaser("b"), cluster.leaser("c")
+        lease = await a.acquire()
+        await a._unlock(lease.handle)
+        held = await c.acquire()
+        with pytest.raises(PrimaryExists) as raised:
+            await b.adopt(lease.handle)
+        assert raised.value.info == PrimaryInfo(c.hostname, c.advertise_url)
+        await held.release()
+        await lease.release()
+
+    run(scenario)
+
+
 @waits_for_ttl
 @pytest.mark.parametrize(
     "multiplier", [1.0, pytest.param(2.0, marks=emulator_only)], ids=["ttl", "2xttl"]

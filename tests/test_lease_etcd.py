@@ -187,6 +187,57 @@ def test_release_hands_over_at_once(shared_etcd_server: EtcdServer) -> None:
     run(scenario())
 
 
+def test_an_adopted_lease_names_its_new_holder_and_the_key_is_never_free(
+    shared_etcd_server: EtcdServer,
+) -> None:
+    async def scenario() -> None:
+        key = unique_key()
+        async with leasers([shared_etcd_server.url], key, "a", "b", "c") as (a, b, c):
+            lease = await a.acquire()
+            created = etcd_post(shared_etcd_server, "/v3/kv/range", {"key": b64(key)})["kvs"][0]
+            taken = await b.adopt(lease.handle)
+            assert taken.id == lease.id
+            assert await c.primary_info() == b.info
+            kv = etcd_post(shared_etcd_server, "/v3/kv/range", {"key": b64(key)})["kvs"][0]
+            assert kv["create_revision"] == created["create_revision"]
+            with pytest.raises(PrimaryExists):
+                await c.acquire()
+            await taken.renew()
+            await taken.release()
+            assert await c.primary_info() is None
+
+    run(scenario())
+
+
+def test_a_lease_that_ended_cannot_be_adopted(shared_etcd_server: EtcdServer) -> None:
+    async def scenario() -> None:
+        async with leasers([shared_etcd_server.url], unique_key(), "a", "b") as (a, b):
+            lease = await a.acquire()
+            await lease.release()
+            with pytest.raises(LeaseLost, match="expired or was revoked"):
+                await b.adopt(lease.handle)
+            assert await b.primary_info() is None
+
+    run(scenario())
+
+
+def test_a_lease_no_longer_holding_the_key_cannot_be_adopted(
+    shared_etcd_server: EtcdServer,
+) -> None:
+    async def scenario() -> None:
+        key = unique_key()
+        async with leasers([shared_etcd_server.url], key, "a", "b", "c") as (a, b, c):
+            lease = await a.acquire()
+            etcd_post(shared_etcd_server, "/v3/kv/deleterange", {"key": b64(key)})
+            held = await c.acquire()
+            with pytest.raises(PrimaryExists) as raised:
+                await b.adopt(lease.handle)
+            assert raised.value.info == c.info
+            await held.release()
+
+    run(scenario())
+
+
 def test_unrenewed_lease_expires_after_ttl_and_renew_reports_it_lost(
     shared_etcd_server: EtcdServer,
 ) -> None:

@@ -377,3 +377,11 @@ def test_a_ready_frame_without_a_clock_is_still_ready() -> None:
     frame = read_from(protocol.frame(FrameType.READY), protocol.read_frame)
     assert frame.type is FrameType.READY
     assert protocol.frame_clock(frame) is None
+
+
+def test_a_handoff_frame_names_the_target_and_carries_the_lease_to_it_alone() -> None:
+    wire = protocol.handoff_frame("b", "7587") + protocol.handoff_frame("b", None)
+    (to_target, to_others), _ = read_frames_and_rest(wire, 2)
+    assert to_target.type is FrameType.HANDOFF
+    assert protocol.handoff_target(to_target) == ("b", "7587")
+    assert protocol.handoff_target(to_others) == ("b", None)

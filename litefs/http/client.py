@@ -98,7 +98,7 @@ class ReplicaClient:
         store: Store,
         hostname: str,
         metrics: Metrics,
-        on_handoff: Callable[[str], None] | None = None,
+        on_handoff: Callable[[str, str | None], None] | None = None,
         *,
         auth_token: str | None = None,
         lag: Lag | None = None,
@@ -220,10 +220,10 @@ class ReplicaClient:
                     None, self.store.drop_database, name
                 )
             elif frame.type is FrameType.HANDOFF:
-                target = frame.text
+                target, lease = protocol.handoff_target(frame)
                 log.info("primary at %s is handing off to %s", url, target)
                 if self.on_handoff is not None:
-                    self.on_handoff(target)
+                    self.on_handoff(target, lease)
                 if target == self.hostname:
                     raise HandoffToUs(target)
             elif frame.type is FrameType.END:

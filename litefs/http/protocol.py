@@ -123,6 +123,20 @@ async def read_chunk(reader: Reader) -> bytes:
     return await reader.readexactly(length) if length else b""
 
 
+def handoff_frame(target: str, lease: str | None) -> bytes:
+    """HANDOFF names the node taking over; the frame to that node alone
+    also carries the lease to take over, on a line of its own (a node's
+    name holds no control character)."""
+    payload = target if lease is None else f"{target}\n{lease}"
+    return frame(FrameType.HANDOFF, payload.encode())
+
+
+def handoff_target(frame: Frame) -> tuple[str, str | None]:
+    """The node a HANDOFF frame names, and the lease it hands over, if any."""
+    target, newline, lease = frame.text.partition("\n")
+    return target, (lease if newline else None)
+
+
 def database_name(frame: Frame) -> str:
     try:
         return check_name(frame.payload.decode("utf-8"))

@@ -97,6 +97,7 @@ class Server:
         self.replicas: dict[int, str] = {}
         self.sessions: dict[int, StreamSession] = {}
         self.on_handoff: Callable[[str], Awaitable[None]] | None = None
+        self._lease_session: StreamSession | None = None
         self.proxy_url: str | None = None
         """This node's write-forwarding proxy, advertised in /info."""
         max_connections = connection_cap(settings.max_connections, descriptors)
@@ -316,10 +317,18 @@ class Server:
                 return self.sessions[key]
         return None
 
-    def announce_handoff(self, target: str) -> None:
-        """Tell every replica which node is about to take over."""
+    def announce_handoff(self, target: str, lease: str) -> None:
+        """Tell every replica which node is about to take over, and that
+        node alone the lease it takes over."""
+        self._lease_session = self.session_of(target)
         for session in list(self.sessions.values()):
-            session.announce_handoff(target)
+            session.announce_handoff(target, lease if session is self._lease_session else None)
+
+    def lease_handed_over(self) -> bool:
+        """Whether the node taking over was sent the lease: then it is
+        theirs, and must not be released."""
+        session, self._lease_session = self._lease_session, None
+        return session is not None and session.lease_sent
 
     async def drain(self, timeout: float) -> None:
         """Wait (a while) for every stream to end once this node stopped being
@@ -418,6 +427,8 @@ class StreamSession:
         self._wake = asyncio.Event()
         self._wake.set()
         self.handoff_target: str | None = None
+        self._handoff_lease: str | None = None
+        self.lease_sent = False
         self._loop = asyncio.get_running_loop()
 
     async def write(self, data: bytes) -> None:
@@ -472,7 +483,9 @@ class StreamSession:
             self._pending.update(db.name for db in self.store.databases())
             await self._send_pending()
             if self.handoff_target is not None:
-                await self.write(protocol.frame(FrameType.HANDOFF, self.handoff_target.encode()))
+                lease = self._handoff_lease
+                await self.write(protocol.handoff_frame(self.handoff_target, lease))
+                self.lease_sent = lease is not None
             await self.write(protocol.frame(FrameType.END, b"this node is no longer the primary"))
         finally:
             self.store.remove_listener(self._changed)
@@ -482,9 +495,11 @@ class StreamSession:
         for name in names:
             await self._send_database(name)
 
-    def announce_handoff(self, target: str) -> None:
-        """Name the node taking over; sent after the last transaction, before END."""
+    def announce_handoff(self, target: str, lease: str | None) -> None:
+        """Name the node taking over (and hand it the lease); sent after the
+        last transaction, before END."""
         self.handoff_target = target
+        self._handoff_lease = lease
         self._wake.set()
 
     async def _send_database(self, name: str) -> None:

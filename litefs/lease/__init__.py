@@ -135,6 +135,11 @@ class Lease(abc.ABC):
     async def renew(self) -> None:
         """Extend the lease; raises `LeaseLost` when it is gone."""
 
+    @property
+    @abc.abstractmethod
+    def handle(self) -> str:
+        """What another node takes this lease over with (`Leaser.adopt`)."""
+
     @abc.abstractmethod
     async def release(self) -> None:
         """Give the lease up so another node can take it at once (best effort)."""
@@ -158,6 +163,13 @@ class Leaser(abc.ABC):
     @abc.abstractmethod
     async def acquire(self) -> Lease:
         """Try once to become primary; raises `PrimaryExists` if another node is."""
+
+    async def adopt(self, handle: str) -> Lease:
+        """Take over the lease the primary handing its role to this node
+        holds, as the holder from now on: the key is never free in between,
+        so no other node can take it. Raises `LeaseLost` when that lease has
+        ended, `PrimaryExists` when the key is held under another."""
+        raise LeaseError("this lease cannot be handed over")
 
     @abc.abstractmethod
     async def primary_info(self) -> PrimaryInfo | None:

@@ -154,6 +154,20 @@ class ConsulLeaser(Leaser):
         log.info("acquired lease %s with session %s", self.key, session_id)
         return ConsulLease(self, session_id, started)
 
+    async def adopt(self, handle: str) -> ConsulLease:
+        """Renew the old primary's session, then lock the key with it again
+        under this node's value: Consul lets the session holding a lock
+        rewrite the key without giving the lock up."""
+        if not self.candidate:
+            raise LeaseError(f"{self.hostname} is not a candidate for primary")
+        started = time.monotonic()
+        if not await self._renew_session(handle):
+            raise LeaseLost(f"consul session {handle} for {self.key} has expired")
+        if not await self._lock(handle):
+            raise PrimaryExists(await self._holder_or_none())
+        log.info("took over lease %s with session %s", self.key, handle)
+        return ConsulLease(self, handle, started)
+
     async def primary_info(self) -> PrimaryInfo | None:
         entry, _ = await self._read()
         return _holder(entry)
@@ -370,6 +384,10 @@ class ConsulLease(Lease):
     @property
     def renew_interval(self) -> float:
         return self.ttl / 2
+
+    @property
+    def handle(self) -> str:
+        return self.session_id
 
     async def renew(self) -> None:
         """Renew the session, then confirm the key is still locked by it.

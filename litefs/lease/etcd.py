@@ -304,6 +304,10 @@ class EtcdLease(Lease):
     def renew_interval(self) -> float:
         return self.ttl / 3
 
+    @property
+    def handle(self) -> str:
+        return str(self.id)
+
     async def renew(self) -> None:
         """Keep the lease alive; a lease past its local deadline is never revived.
 
@@ -463,6 +467,49 @@ class EtcdLeaser(Leaser):
         except LeaseError:
             holder = None
         raise PrimaryExists(holder)
+
+    async def adopt(self, handle: str) -> EtcdLease:
+        """Keep the old primary's etcd lease alive, then rewrite the key
+        under it with this node's value, only if the key still belongs to it."""
+        try:
+            lease_id = int(handle)
+        except ValueError:
+            raise LeaseError(f"not an etcd lease: {handle!r}") from None
+        started = time.monotonic()
+        answer = await self.client.call("lease keepalive", "/v3/lease/keepalive", {"ID": handle})
+        ttl = int(answer.get("result", answer).get("TTL", 0))
+        if ttl <= 0:
+            raise LeaseLost(f"etcd lease {lease_id:x} on {self.key!r} expired or was revoked")
+        lease = EtcdLease(self, lease_id, ttl, started)
+        answer = await self.client.call("take over key", "/v3/kv/txn", self._adopt_txn(lease_id))
+        if not answer.get("succeeded"):
+            responses = answer.get("responses") or [{}]
+            kv = _first_kv(responses[0].get("response_range", {}))
+            try:
+                holder = _info_from_kv(kv)
+            except LeaseError:
+                holder = None
+            raise PrimaryExists(holder)
+        lease._checked_revision = _revision(answer)
+        log.info("took over etcd lease %x on %r", lease_id, self.key)
+        return lease
+
+    def _adopt_txn(self, lease_id: int) -> JSON:
+        return {
+            "compare": [
+                {"key": self._key64, "target": "LEASE", "result": "EQUAL", "lease": str(lease_id)}
+            ],
+            "success": [
+                {
+                    "request_put": {
+                        "key": self._key64,
+                        "value": _b64(self.info.to_json()),
+                        "lease": str(lease_id),
+                    }
+                }
+            ],
+            "failure": [{"request_range": {"key": self._key64}}],
+        }
 
     def _create_txn(self, lease_id: int) -> JSON:
         return {

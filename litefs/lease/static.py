@@ -23,6 +23,10 @@ class StaticLease(Lease):
     def renew_interval(self) -> float:
         return 3600.0
 
+    @property
+    def handle(self) -> str:
+        return ""
+
     async def renew(self) -> None:
         return None
 
