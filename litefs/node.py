@@ -671,6 +671,7 @@ class Services:
             self._note_handoff,
             auth_token=node.config.http.auth_token,
             lag=self.lag,
+            candidate=node.leaser.candidate,
         )
         stream = asyncio.create_task(client.follow(info.advertise_url))
         change = asyncio.create_task(self._primary_change(info))

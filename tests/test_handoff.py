@@ -167,6 +167,26 @@ def test_handoff_to_an_unknown_replica_is_refused(
     assert role(primary) == "primary"
 
 
+def test_handoff_to_a_replica_that_may_not_be_primary_is_refused(
+    start_node: StartNode, etcd_server: EtcdServer
+) -> None:
+    primary = start_node("a", settings=etcd_settings(etcd_server))
+    wait_for(lambda: role(primary) == "primary", timeout=SETTLE)
+    follower = start_node("b", candidate=False, settings=etcd_settings(etcd_server))
+    primary.sqlite("my.db", "CREATE TABLE t (x);")
+    wait_for(lambda: (follower.mount_dir / "my.db-pos").exists(), timeout=SETTLE)
+    result = subprocess.run(
+        [sys.executable, "-m", "litefs", "handoff", "-url", primary.url, "-to", "b"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "replica 'b' is not a candidate for primary" in result.stderr
+    assert role(primary) == "primary"
+    assert writable(primary)
+
+
 def test_static_lease_cannot_be_handed_off(start_node: StartNode) -> None:
     primary = start_node("primary")
     start_node("replica", candidate=False, primary=primary)

@@ -239,7 +239,9 @@ def test_request_round_trips() -> None:
     assert protocol.decode_request(protocol.encode_request("replica-1", positions)) == (
         "replica-1",
         positions,
+        True,
     )
+    assert not protocol.decode_request(protocol.encode_request("r", {}, candidate=False)).candidate
 
 
 def test_request_carries_version_node_and_positions_as_16_lower_case_hex_digits() -> None:
@@ -247,12 +249,13 @@ def test_request_carries_version_node_and_positions_as_16_lower_case_hex_digits(
     assert body == {
         "version": 1,
         "node": "r1",
+        "candidate": True,
         "positions": {"a.db": {"txid": "00000000000000ab", "checksum": "80000000000000cd"}},
     }
 
 
 def test_request_fields_are_optional_and_unknown_fields_are_ignored() -> None:
-    assert protocol.decode_request(b"{}") == ("", {})
+    assert protocol.decode_request(b"{}") == ("", {}, True)
     body = {
         "future": True,
         "positions": {"a.db": {"txid": "0000000000000001", "checksum": "ABCDEF0123456789", "x": 0}},
@@ -260,6 +263,7 @@ def test_request_fields_are_optional_and_unknown_fields_are_ignored() -> None:
     assert protocol.decode_request(json.dumps(body).encode()) == (
         "",
         {"a.db": Position(1, 0xABCDEF0123456789)},
+        True,
     )
 
 
@@ -334,6 +338,7 @@ MALFORMED = [
         id="checksum-missing",
     ),
     pytest.param(request(positions={"a.db": {}}), "needs txid and checksum", id="position-empty"),
+    pytest.param(request(candidate="yes"), "candidate must be true or false", id="candidate-text"),
 ]
 
 

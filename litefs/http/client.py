@@ -102,8 +102,10 @@ class ReplicaClient:
         *,
         auth_token: str | None = None,
         lag: Lag | None = None,
+        candidate: bool = True,
     ) -> None:
         self.store = store
+        self.candidate = candidate
         self.lag = lag if lag is not None else Lag()
         self.headers = {"Content-Type": "application/json"}
         if auth_token:
@@ -174,7 +176,7 @@ class ReplicaClient:
                 backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def _stream(self, session: aiohttp.ClientSession, url: str) -> None:
-        body = protocol.encode_request(self.hostname, self.store.positions())
+        body = protocol.encode_request(self.hostname, self.store.positions(), self.candidate)
         async with session.post(
             url + protocol.STREAM_PATH,
             data=body,

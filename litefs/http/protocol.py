@@ -14,7 +14,7 @@ import json
 import struct
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from litefs.names import InvalidName, check_name
 from litefs.position import Position
@@ -144,11 +144,21 @@ def database_name(frame: Frame) -> str:
         raise ProtocolError(f"{frame.type.name} frame names no valid database: {exc}") from None
 
 
-def encode_request(node: str, positions: dict[str, Position]) -> bytes:
+class StreamRequest(NamedTuple):
+    """What a replica says when it asks for the stream."""
+
+    node: str
+    positions: dict[str, Position]
+    candidate: bool = True
+    """Whether it may become primary: a handoff may only name one that may."""
+
+
+def encode_request(node: str, positions: dict[str, Position], candidate: bool = True) -> bytes:
     return json.dumps(
         {
             "version": PROTOCOL_VERSION,
             "node": node,
+            "candidate": candidate,
             "positions": {
                 name: {"txid": f"{p.txid:016x}", "checksum": f"{p.checksum:016x}"}
                 for name, p in positions.items()
@@ -157,7 +167,7 @@ def encode_request(node: str, positions: dict[str, Position]) -> bytes:
     ).encode()
 
 
-def decode_request(body: bytes) -> tuple[str, dict[str, Position]]:
+def decode_request(body: bytes) -> StreamRequest:
     """Parse a replica's request; raises `BadRequest` with what is wrong."""
     try:
         value = json.loads(body)
@@ -173,6 +183,9 @@ def decode_request(body: bytes) -> tuple[str, dict[str, Position]]:
         raise BadRequest("node must be a string")
     if node:
         check_node_name(node, "node")
+    candidate = value.get("candidate", True)
+    if not isinstance(candidate, bool):
+        raise BadRequest("candidate must be true or false")
     raw = value.get("positions", {})
     if not isinstance(raw, dict):
         raise BadRequest("positions must be an object")
@@ -184,7 +197,7 @@ def decode_request(body: bytes) -> tuple[str, dict[str, Position]]:
         except InvalidName as exc:
             raise BadRequest(str(exc)) from None
         positions[name] = _position(name, position)
-    return node, positions
+    return StreamRequest(node, positions, candidate)
 
 
 def check_node_name(name: str, field: str) -> str:

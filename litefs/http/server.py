@@ -304,10 +304,14 @@ class Server:
         if session is None:
             names = ", ".join(sorted(self.replicas.values())) or "none"
             return json_error(404, f"no replica named {target!r} is connected (connected: {names})")
+        if not session.candidate:
+            return json_error(409, f"replica {target!r} is not a candidate for primary")
         try:
             await asyncio.wait_for(session.caught_up(), HANDOFF_CATCH_UP)
         except TimeoutError:
             return json_error(409, f"replica {target!r} did not catch up in {HANDOFF_CATCH_UP:g}s")
+        if not self.store.is_primary:  # the lease was lost meanwhile
+            return json_error(409, "this node is not the primary")
         await self.on_handoff(target)
         return web.json_response({"primary": target})
 
@@ -357,7 +361,7 @@ class Server:
                 408, f"the request body did not arrive in {self.settings.read_timeout:g}s"
             )
         try:
-            replica, positions = protocol.decode_request(body)
+            replica, positions, candidate = protocol.decode_request(body)
         except protocol.BadRequest as exc:
             return json_error(400, str(exc))
         if not self.store.is_primary:
@@ -379,6 +383,7 @@ class Server:
         session = StreamSession(
             self.store, response, positions, self.metrics, self.settings.write_timeout
         )
+        session.candidate = candidate
         key = id(session)
         self.replicas[key] = replica or str(request.remote)
         self.sessions[key] = session
@@ -426,6 +431,7 @@ class StreamSession:
         self._pending: set[str] = set(positions) | {db.name for db in store.databases()}
         self._wake = asyncio.Event()
         self._wake.set()
+        self.candidate = True
         self.handoff_target: str | None = None
         self._handoff_lease: str | None = None
         self.lease_sent = False
