@@ -41,6 +41,7 @@ KINDS = (
     "clean-restart",
     "etcd-restart",
     "partition",
+    "handoff",
 )
 
 
@@ -103,7 +104,7 @@ class Campaign:
             time.sleep(self.rng.uniform(0.2, 2.0))
             cluster.etcd.start()
             return self._settle(kind, None, False, start)
-        if kind.endswith("-primary") and leader is not None:
+        if (kind.endswith("-primary") or kind == "handoff") and leader is not None:
             node = leader
         elif kind == "kill-replica":
             node = self.rng.choice([n for n in cluster.healthy if n is not leader])
@@ -118,6 +119,7 @@ class Campaign:
             "freeze-primary": self._freeze,
             "clean-restart": self._restart,
             "partition": self._partition,
+            "handoff": self._handoff,
         }[kind](node)
         return self._settle(kind, node.name, node is leader, start)
 
@@ -137,6 +139,22 @@ class Campaign:
         if status != 0:
             print(f"{node.name} exited with status {status} on SIGINT", file=sys.stderr)
         self._start(node)
+
+    def _handoff(self, node: Node) -> None:
+        """Hand the primary role to another node, under the workload."""
+        targets = [n for n in self.cluster.healthy if n is not node]
+        if not targets:
+            return
+        target = self.rng.choice(targets)
+        command = ["handoff", "-url", node.url, "-to", target.name]
+        result = subprocess.run(
+            [sys.executable, "-m", "litefs", *command],
+            capture_output=True,
+            text=True,
+            timeout=SETTLE_TIMEOUT,
+        )
+        if result.returncode != 0:
+            print(f"handoff {node.name} -> {target.name}: {result.stderr.strip()}", file=sys.stderr)
 
     def _start(self, node: Node) -> None:
         if not node.restart():

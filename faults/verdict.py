@@ -11,7 +11,8 @@
   tied to the first fault on its node (or on etcd) that had not ended when
   it was acknowledged; it is within the asynchronous window when it was
   acknowledged at most ASYNC_WINDOW before that fault began, or during the
-  fault while the node still held its lease (at most a TTL).
+  fault while the node still held its lease (at most a TTL). A handoff has
+  no window: the old primary sends everything before the new one takes over.
 - unavailable: the longest gap between two acknowledgements, from the first
   fault to the end of the campaign.
 """
@@ -101,6 +102,12 @@ def lost_commit_age(ack: Ack, faults: list[Fault]) -> tuple[float, Fault] | None
         if affects(fault, ack.node) and fault.end >= ack.end:
             return fault.start - ack.end, fault
     return None
+
+
+def within_window(age: float, fault: Fault) -> bool:
+    """Whether a commit acknowledged `age` seconds before `fault` began may
+    be lost to it, as asynchronous replication allows."""
+    return fault.kind != "handoff" and -LEASE_GRACE <= age <= ASYNC_WINDOW
 
 
 def unavailable(acks: list[Ack], since: float, until: float) -> tuple[float, float]:
@@ -243,7 +250,7 @@ def judge(
             continue
         age, fault = found
         by_fault[faults.index(fault)].append((age, ack))
-        verdict.lost_outside_window += not -LEASE_GRACE <= age <= ASYNC_WINDOW
+        verdict.lost_outside_window += not within_window(age, fault)
     for index, lost in sorted(by_fault.items()):
         fault, offsets = faults[index], [-age for age, _ in lost]
         verdict.details.append(

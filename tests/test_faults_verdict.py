@@ -9,7 +9,7 @@ from typing import Any
 
 from faults.campaign import Fault, damage_seen
 from faults.cluster import DB
-from faults.verdict import failovers, lost_commit_age, split_brain, unavailable
+from faults.verdict import failovers, lost_commit_age, split_brain, unavailable, within_window
 from faults.workload import Ack, check_replica_read
 
 
@@ -49,6 +49,16 @@ def test_a_commit_during_a_partition_has_a_negative_age() -> None:
     partition = Fault("partition", "node1", True, 1.0, 5.0, True)
     found = lost_commit_age(ack("node1", 10, 2.0), [partition])
     assert found is not None and found[0] == -1.0
+
+
+def test_a_commit_lost_to_a_failure_just_after_it_is_within_the_async_window() -> None:
+    assert within_window(0.3, kill("node1", 1.0))
+    assert not within_window(5.0, kill("node1", 1.0))
+
+
+def test_no_commit_may_be_lost_to_a_handoff() -> None:
+    handoff = Fault("handoff", "node1", True, 1.0, 1.2, True)
+    assert not within_window(0.3, handoff)
 
 
 def test_unavailability_is_the_longest_gap_between_acknowledgements() -> None:
