@@ -381,9 +381,13 @@ class Server:
         response = web.StreamResponse(headers={"Content-Type": protocol.CONTENT_TYPE})
         await response.prepare(request)
         session = StreamSession(
-            self.store, response, positions, self.metrics, self.settings.write_timeout
+            self.store,
+            response,
+            positions,
+            self.metrics,
+            self.settings.write_timeout,
+            candidate=candidate,
         )
-        session.candidate = candidate
         key = id(session)
         self.replicas[key] = replica or str(request.remote)
         self.sessions[key] = session
@@ -421,6 +425,8 @@ class StreamSession:
         positions: dict[str, Position],
         metrics: Metrics,
         write_timeout: float,
+        *,
+        candidate: bool = True,
     ) -> None:
         self.store = store
         self.response = response
@@ -431,7 +437,8 @@ class StreamSession:
         self._pending: set[str] = set(positions) | {db.name for db in store.databases()}
         self._wake = asyncio.Event()
         self._wake.set()
-        self.candidate = True
+        self.candidate = candidate
+        """Whether the replica may become primary, as it said."""
         self.handoff_target: str | None = None
         self._handoff_lease: str | None = None
         self.lease_sent = False
