@@ -100,12 +100,7 @@ def test_handoff_with_a_token_needs_it_and_the_command_sends_it(
     wait_for(lambda: sorted(role(n) or "" for n in nodes) == ["primary", "replica"])
     primary = next(n for n in nodes if role(n) == "primary")
     target = next(n for n in nodes if n is not primary)
-    without = subprocess.run(
-        [sys.executable, "-m", "litefs", "handoff", "-url", primary.url, "-to", target.name],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    without = handoff_command("-url", primary.url, "-to", target.name)
     assert without.returncode == 1
     assert "handoff refused (401)" in without.stderr
     assert role(primary) == "primary"
@@ -156,12 +151,7 @@ def test_handoff_to_an_unknown_replica_is_refused(
     nodes = [start_node(name, settings=etcd_settings(etcd_server)) for name in ("a", "b")]
     wait_for(lambda: sorted(role(n) or "" for n in nodes) == ["primary", "replica"], timeout=SETTLE)
     primary = next(n for n in nodes if role(n) == "primary")
-    result = subprocess.run(
-        [sys.executable, "-m", "litefs", "handoff", "-url", primary.url, "-to", "nobody"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = handoff_command("-url", primary.url, "-to", "nobody")
     assert result.returncode == 1
     assert "no replica named 'nobody'" in result.stderr
     assert role(primary) == "primary"
@@ -175,12 +165,7 @@ def test_handoff_to_a_replica_that_may_not_be_primary_is_refused(
     follower = start_node("b", candidate=False, settings=etcd_settings(etcd_server))
     primary.sqlite("my.db", "CREATE TABLE t (x);")
     wait_for(lambda: (follower.mount_dir / "my.db-pos").exists(), timeout=SETTLE)
-    result = subprocess.run(
-        [sys.executable, "-m", "litefs", "handoff", "-url", primary.url, "-to", "b"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = handoff_command("-url", primary.url, "-to", "b")
     assert result.returncode == 1
     assert "replica 'b' is not a candidate for primary" in result.stderr
     assert role(primary) == "primary"
@@ -190,25 +175,23 @@ def test_handoff_to_a_replica_that_may_not_be_primary_is_refused(
 def test_static_lease_cannot_be_handed_off(start_node: StartNode) -> None:
     primary = start_node("primary")
     start_node("replica", candidate=False, primary=primary)
-    result = subprocess.run(
-        [sys.executable, "-m", "litefs", "handoff", "-url", primary.url, "-to", "replica"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = handoff_command("-url", primary.url, "-to", "replica")
     assert result.returncode == 1
     assert "cannot be handed off" in result.stderr
 
 
 def handoff(primary: NodeProcess, target: NodeProcess) -> None:
-    command = ["handoff", "-config", str(primary.config_path), "-to", target.name]
-    result = subprocess.run(
-        [sys.executable, "-m", "litefs", *command],
+    result = handoff_command("-config", str(primary.config_path), "-to", target.name)
+    assert result.returncode == 0, result.stderr
+
+
+def handoff_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "litefs", "handoff", *args],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert result.returncode == 0, result.stderr
 
 
 def primary_and_replica(

@@ -495,41 +495,22 @@ class EtcdLeaser(Leaser):
         return lease
 
     def _adopt_txn(self, lease_id: int) -> JSON:
-        return {
-            "compare": [
-                {"key": self._key64, "target": "LEASE", "result": "EQUAL", "lease": str(lease_id)}
-            ],
-            "success": [
-                {
-                    "request_put": {
-                        "key": self._key64,
-                        "value": _b64(self.info.to_json()),
-                        "lease": str(lease_id),
-                    }
-                }
-            ],
-            "failure": [{"request_range": {"key": self._key64}}],
-        }
+        """Put this node's value under `lease_id` if the key is attached to it."""
+        compare = {"key": self._key64, "target": "LEASE", "result": "EQUAL", "lease": str(lease_id)}
+        return self._put_txn(compare, lease_id)
 
     def _create_txn(self, lease_id: int) -> JSON:
+        """Put this node's value under `lease_id` if the key does not exist."""
+        absent = {"key": self._key64, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+        return self._put_txn(absent, lease_id)
+
+    def _put_txn(self, compare: JSON, lease_id: int) -> JSON:
+        """A transaction that puts this node's value under `lease_id` when
+        `compare` holds, and reads the key otherwise."""
+        put = {"key": self._key64, "value": _b64(self.info.to_json()), "lease": str(lease_id)}
         return {
-            "compare": [
-                {
-                    "key": self._key64,
-                    "target": "CREATE",
-                    "result": "EQUAL",
-                    "create_revision": "0",
-                }
-            ],
-            "success": [
-                {
-                    "request_put": {
-                        "key": self._key64,
-                        "value": _b64(self.info.to_json()),
-                        "lease": str(lease_id),
-                    }
-                }
-            ],
+            "compare": [compare],
+            "success": [{"request_put": put}],
             "failure": [{"request_range": {"key": self._key64}}],
         }
 
