@@ -456,17 +456,12 @@ class EtcdLeaser(Leaser):
             lease._checked_revision = _revision(answer)
             log.info("acquired etcd lease %x on %r", lease_id, self.key)
             return lease
-        responses = answer.get("responses") or [{}]
-        kv = _first_kv(responses[0].get("response_range", {}))
+        kv = _range_in_failure(answer)
         if kv is not None and int(kv.get("lease", 0)) == lease_id:
             lease._checked_revision = _revision(answer)
             return lease
         await lease._revoke_quietly()
-        try:
-            holder = _info_from_kv(kv)
-        except LeaseError:
-            holder = None
-        raise PrimaryExists(holder)
+        raise PrimaryExists(_holder_or_none(kv))
 
     async def adopt(self, handle: str) -> EtcdLease:
         """Keep the old primary's etcd lease alive, then rewrite the key
@@ -476,20 +471,16 @@ class EtcdLeaser(Leaser):
         except ValueError:
             raise LeaseError(f"not an etcd lease: {handle!r}") from None
         started = time.monotonic()
-        answer = await self.client.call("lease keepalive", "/v3/lease/keepalive", {"ID": handle})
+        answer = await self.client.call(
+            "lease keepalive", "/v3/lease/keepalive", {"ID": str(lease_id)}
+        )
         ttl = int(answer.get("result", answer).get("TTL", 0))
         if ttl <= 0:
             raise LeaseLost(f"etcd lease {lease_id:x} on {self.key!r} expired or was revoked")
         lease = EtcdLease(self, lease_id, ttl, started)
         answer = await self.client.call("take over key", "/v3/kv/txn", self._adopt_txn(lease_id))
         if not answer.get("succeeded"):
-            responses = answer.get("responses") or [{}]
-            kv = _first_kv(responses[0].get("response_range", {}))
-            try:
-                holder = _info_from_kv(kv)
-            except LeaseError:
-                holder = None
-            raise PrimaryExists(holder)
+            raise PrimaryExists(_holder_or_none(_range_in_failure(answer)))
         lease._checked_revision = _revision(answer)
         log.info("took over etcd lease %x on %r", lease_id, self.key)
         return lease
@@ -602,6 +593,20 @@ class EtcdLeaser(Leaser):
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _range_in_failure(answer: JSON) -> JSON | None:
+    """The key as a failed put-if transaction read it (None when absent)."""
+    responses = answer.get("responses") or [{}]
+    return _first_kv(responses[0].get("response_range", {}))
+
+
+def _holder_or_none(kv: JSON | None) -> PrimaryInfo | None:
+    """Who a key record names; None for no key or a value that is not ours."""
+    try:
+        return _info_from_kv(kv)
+    except LeaseError:
+        return None
 
 
 def _first_kv(answer: JSON) -> JSON | None:
